@@ -1,0 +1,1 @@
+//! Supported names per registry kind (filled by the config work).
