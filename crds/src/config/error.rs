@@ -24,7 +24,10 @@ impl fmt::Display for Origin {
 }
 
 fn did_you_mean(suggestion: &Option<String>) -> String {
-    suggestion.as_ref().map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default()
+    suggestion
+        .as_ref()
+        .map(|s| format!(" (did you mean `{s}`?)"))
+        .unwrap_or_default()
 }
 
 /// Everything that can be wrong with a config.
@@ -32,13 +35,28 @@ fn did_you_mean(suggestion: &Option<String>) -> String {
 pub enum ConfigError {
     /// A key that the schema does not know.
     #[error("unknown key `{path}` in {origin}{}", did_you_mean(.suggestion))]
-    UnknownKey { path: String, origin: Origin, suggestion: Option<String> },
+    UnknownKey {
+        path: String,
+        origin: Origin,
+        suggestion: Option<String>,
+    },
     /// A value whose type does not match the schema.
     #[error("`{path}` in {origin} must be {expected}, found {found}")]
-    WrongType { path: String, origin: Origin, expected: String, found: String },
+    WrongType {
+        path: String,
+        origin: Origin,
+        expected: String,
+        found: String,
+    },
     /// A registry name (loss, trunk, transform, ...) that is not registered.
-    #[error("unknown {kind} `{name}` at `{path}`{}; known {kind}s: {}", did_you_mean(.suggestion), .known.join(", "))]
-    UnknownName { kind: String, name: String, path: String, known: Vec<String>, suggestion: Option<String> },
+    #[error("unknown {kind} `{name}` at `{path}`{}; known {kind} names: {}", did_you_mean(.suggestion), .known.join(", "))]
+    UnknownName {
+        kind: String,
+        name: String,
+        path: String,
+        known: Vec<String>,
+        suggestion: Option<String>,
+    },
     /// A YAML/JSON file that does not parse.
     #[error("cannot parse {file}: {message}")]
     Parse { file: String, message: String },
@@ -53,15 +71,28 @@ pub enum ConfigError {
     Invalid { path: String, reason: String },
 }
 
-/// The nearest candidate to `name` by edit distance, if it is close enough to be a plausible typo.
+/// The nearest candidate to `name` by edit distance, if it is close enough to be a plausible typo;
+/// failing that, the shortest candidate that contains `name` (`mnist` -> `mnist_idx`).
 pub fn nearest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
     let lower = name.to_lowercase();
-    candidates
-        .into_iter()
-        .map(|c| (levenshtein(&lower, &c.to_lowercase()), c))
+    let candidates: Vec<&str> = candidates.into_iter().collect();
+    let by_distance = candidates
+        .iter()
+        .map(|c| (levenshtein(&lower, &c.to_lowercase()), *c))
         .filter(|(d, c)| *d <= (c.len().max(name.len()) / 3).max(2))
         .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c.to_string())
+        .map(|(_, c)| c.to_string());
+    by_distance.or_else(|| {
+        (lower.chars().count() >= 3)
+            .then(|| {
+                candidates
+                    .iter()
+                    .filter(|c| c.to_lowercase().contains(&lower))
+                    .min_by_key(|c| c.len())
+            })
+            .flatten()
+            .map(|c| c.to_string())
+    })
 }
 
 fn levenshtein(a: &str, b: &str) -> usize {
@@ -88,5 +119,10 @@ mod tests {
         assert_eq!(nearest("strat_value", keys), Some("start_value".into()));
         assert_eq!(nearest("END_VALUE", keys), Some("end_value".into()));
         assert_eq!(nearest("completely_different", keys), None);
+        assert_eq!(
+            nearest("mnist", ["disk_folder", "mnist_idx", "synthetic"]),
+            Some("mnist_idx".into())
+        );
+        assert_eq!(nearest("x", ["x_long_name"]), None);
     }
 }
