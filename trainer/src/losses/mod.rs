@@ -1,1 +1,202 @@
-//! (in progress)
+//! Losses, keyed by VISSL's `LOSS.name`: one file per loss plus one line in [`REGISTRY`].
+//!
+//! A loss sees the model output (one tensor per head output) and the batch target, and returns a
+//! scalar tensor to back-propagate. Losses that carry state between steps (queues, memory banks)
+//! expose it through [`Loss::state_tensors`] / [`Loss::load_state`] so checkpoints hold it.
+//! Contrastive losses that look at the embeddings of every rank get a [`LossContext`] with the rank
+//! and a gather function, so the distributed engine only has to supply a different gather.
+
+pub mod cross_entropy_loss;
+pub mod cross_entropy_multiple_output_single_target;
+pub mod info_nce;
+pub mod multicrop_simclr_info_nce_loss;
+pub mod simclr_info_nce_loss;
+
+use serde::de::DeserializeOwned;
+use tch::Tensor;
+
+pub use cross_entropy_loss::CrossEntropyLoss;
+pub use cross_entropy_multiple_output_single_target::CrossEntropyMultipleOutputSingleTargetLoss;
+pub use multicrop_simclr_info_nce_loss::MultiCropSimclrInfoNceLoss;
+pub use simclr_info_nce_loss::SimclrInfoNceLoss;
+
+/// Errors of building or evaluating a loss; each names the loss or the config key.
+#[derive(Debug, thiserror::Error)]
+pub enum LossError {
+    /// `LOSS.name` is not a registered loss.
+    #[error("unknown loss `{name}`; known losses: {}", known.join(", "))]
+    UnknownLoss {
+        name: String,
+        known: Vec<&'static str>,
+    },
+    /// A config value is missing, unknown or out of range.
+    #[error("LOSS.{key}: {reason}")]
+    Config { key: String, reason: String },
+    /// The model output or target does not fit what the loss was configured for.
+    #[error("loss {loss}: {reason}")]
+    Input { loss: &'static str, reason: String },
+    /// The gather of embeddings across ranks failed.
+    #[error("loss {loss}: gathering embeddings across ranks failed: {reason}")]
+    Gather { loss: &'static str, reason: String },
+    /// A checkpointed loss state does not match this loss.
+    #[error("loss {loss}: cannot load state: {reason}")]
+    State { loss: &'static str, reason: String },
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+/// Result of this module.
+pub type Result<T, E = LossError> = std::result::Result<T, E>;
+
+/// Gathers a rank's embeddings from every rank, concatenated along dim 0 in rank order.
+///
+/// Must keep the autograd graph to the local slice (VISSL's `gather_from_all`), so gradients reach
+/// this rank's embeddings through the gathered copy as well.
+pub type GatherFn = Box<dyn Fn(&Tensor) -> Result<Tensor, String> + Send>;
+
+/// Where a loss runs: this process's rank, the world size and how to gather across ranks.
+pub struct LossContext {
+    /// Global rank of this process.
+    pub rank: usize,
+    /// Number of processes in the run.
+    pub world_size: usize,
+    /// The cross-rank gather; the identity for a single process.
+    pub gather: GatherFn,
+}
+
+impl LossContext {
+    /// A single-process run: rank 0 of 1, gather is the identity.
+    pub fn single_process() -> Self {
+        Self {
+            rank: 0,
+            world_size: 1,
+            gather: Box::new(|t: &Tensor| Ok(t.shallow_clone())),
+        }
+    }
+
+    /// A rank of a multi-process run with the given gather.
+    pub fn distributed(rank: usize, world_size: usize, gather: GatherFn) -> Self {
+        Self {
+            rank,
+            world_size,
+            gather,
+        }
+    }
+}
+
+/// A training loss (VISSL's `ClassyLoss`).
+pub trait Loss: Send {
+    /// The registry name (`LOSS.name`) this loss was built from.
+    fn name(&self) -> &'static str;
+
+    /// The scalar loss for one batch: `output` holds the model's outputs (one per head output),
+    /// `target` the batch labels (ignored by self-supervised losses).
+    fn forward(&mut self, output: &[Tensor], target: &Tensor) -> Result<Tensor>;
+
+    /// The tensors a checkpoint must hold to resume this loss exactly (empty when stateless).
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    /// Restores what [`Loss::state_tensors`] returned.
+    fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        match state.first() {
+            None => Ok(()),
+            Some((key, _)) => Err(LossError::State {
+                loss: self.name(),
+                reason: format!("this loss keeps no state, but the checkpoint has `{key}`"),
+            }),
+        }
+    }
+}
+
+/// Builds a loss from the params mapping `LOSS.<name>` and where it runs.
+pub type LossConstructor = fn(&serde_yaml::Value, LossContext) -> Result<Box<dyn Loss>>;
+
+/// Every loss by its VISSL name (`LOSS.name`), including PyTorch losses by exact class name.
+pub const REGISTRY: &[(&str, LossConstructor)] = &[
+    (cross_entropy_loss::NAME, cross_entropy_loss::build),
+    (
+        cross_entropy_multiple_output_single_target::NAME,
+        cross_entropy_multiple_output_single_target::build,
+    ),
+    (
+        multicrop_simclr_info_nce_loss::NAME,
+        multicrop_simclr_info_nce_loss::build,
+    ),
+    (simclr_info_nce_loss::NAME, simclr_info_nce_loss::build),
+];
+
+/// The names `LOSS.name` accepts.
+pub fn known_losses() -> Vec<&'static str> {
+    REGISTRY.iter().map(|(name, _)| *name).collect()
+}
+
+/// Builds the loss a `LOSS` config section selects: `LOSS.name` picks the loss and `LOSS.<name>`
+/// holds its params (absent: the loss's defaults). Other `LOSS.*` entries belong to other losses.
+pub fn build_loss(loss_section: &serde_yaml::Value, ctx: LossContext) -> Result<Box<dyn Loss>> {
+    let name = loss_section
+        .get("name")
+        .ok_or_else(|| config_error("name", "missing"))?;
+    let name = name
+        .as_str()
+        .ok_or_else(|| config_error("name", format!("expected a string, got {name:?}")))?;
+    let empty = serde_yaml::Value::Mapping(Default::default());
+    build_loss_by_name(name, loss_section.get(name).unwrap_or(&empty), ctx)
+}
+
+/// Builds the loss registered as `name` from its params mapping.
+pub fn build_loss_by_name(
+    name: &str,
+    params: &serde_yaml::Value,
+    ctx: LossContext,
+) -> Result<Box<dyn Loss>> {
+    let (_, build) = REGISTRY
+        .iter()
+        .find(|(known, _)| *known == name)
+        .ok_or_else(|| LossError::UnknownLoss {
+            name: name.to_string(),
+            known: known_losses(),
+        })?;
+    build(params, ctx)
+}
+
+/// Reads a loss's params struct from `LOSS.<section>`; serde rejects unknown keys by name.
+pub(crate) fn parse_params<T: DeserializeOwned>(
+    value: &serde_yaml::Value,
+    section: &str,
+) -> Result<T> {
+    let value = if value.is_null() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        value.clone()
+    };
+    serde_yaml::from_value(value).map_err(|e| config_error(section, e.to_string()))
+}
+
+pub(crate) fn config_error(key: impl Into<String>, reason: impl Into<String>) -> LossError {
+    LossError::Config {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The one output tensor of a loss that takes a single head output.
+pub(crate) fn single_output<'a>(output: &'a [Tensor], loss: &'static str) -> Result<&'a Tensor> {
+    match output {
+        [only] => Ok(only),
+        _ => Err(LossError::Input {
+            loss,
+            reason: format!("expects exactly one model output, got {}", output.len()),
+        }),
+    }
+}
+
+/// Row-wise L2 normalisation as `torch.nn.functional.normalize(x, p=2, dim=1)`: rows with a norm
+/// below 1e-12 are divided by 1e-12 instead, so a zero row stays zero rather than becoming NaN.
+pub fn l2_normalize_rows(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .f_norm_scalaropt_dim(2.0, [1i64], true)?
+        .f_clamp_min(1e-12)?;
+    Ok(x.f_div(&norm)?)
+}
