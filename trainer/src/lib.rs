@@ -1,6 +1,11 @@
 //! vissl-rs trainer: VISSL's self-supervised training on libtorch, one module per VISSL concept.
 
+pub mod benchmarks;
+pub mod checkpoint;
+pub mod commands;
 pub mod data;
+pub mod engine;
+pub mod logging;
 pub mod losses;
 pub mod models;
 pub mod optim;

@@ -1,1 +1,93 @@
-fn main() { println!("{}", tch::Tensor::from_slice(&[1.0f32, 2.0]).sum(tch::Kind::Float)); }
+//! `vissl`: train and evaluate self-supervised vision models from VISSL configs.
+
+use clap::{Parser, Subcommand};
+use vissl_trainer::{commands, logging};
+
+/// Overrides as VISSL users type them: `config=pretrain/simclr/quick_cpu_fmnist`, `config.A.B=value`,
+/// `+config.NEW_KEY=value`, `+config/<group>=<file>`.
+#[derive(clap::Args, Debug, Clone)]
+struct Overrides {
+    /// `config=<path>` and `config.KEY=VALUE` overrides, in order.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "OVERRIDES"
+    )]
+    args: Vec<String>,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vissl",
+    version,
+    about = "Self-supervised vision training from VISSL configs, on libtorch"
+)]
+struct Cli {
+    /// Log format: `text` (default) or `json`.
+    #[arg(long, global = true, env = "VISSL_LOG_FORMAT", default_value = "text")]
+    log_format: logging::Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Inspect and check configs.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print every registered name of a kind (losses, trunks, heads, transforms, collators,
+    /// data_sources, meters, schedulers, optimizers).
+    List {
+        /// The registry kind.
+        kind: String,
+    },
+    /// Train from a VISSL config (`engine_name=extract_features` extracts features instead). Resumes from
+    /// the newest verified checkpoint in CHECKPOINT.DIR when CHECKPOINT.AUTO_RESUME.
+    Train(commands::train::Args),
+    /// Evaluate a trained model.
+    #[command(subcommand)]
+    Benchmark(BenchmarkCommand),
+    /// Measure throughput.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchmarkCommand {
+    /// Weighted kNN (NEAREST_NEIGHBOR.*) on features of DATA.TRAIN (memory) and DATA.TEST (queries).
+    Knn(commands::benchmark::KnnArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Print the fully resolved config (defaults, composition, overrides, inferred values) as YAML.
+    Show(Overrides),
+    /// Exit non-zero with the key, the file and the reason when the config is invalid.
+    Validate(Overrides),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Images/s of the configured DATA.TRAIN pipeline, beside a torchvision+PIL reference run.
+    Data(commands::bench_data::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
+        Command::Config(ConfigCommand::Show(o)) => commands::config::show(&o.args),
+        Command::Config(ConfigCommand::Validate(o)) => commands::config::validate(&o.args),
+        Command::List { kind } => commands::list::run(&kind),
+        Command::Train(args) => commands::train::run(&args),
+        Command::Benchmark(BenchmarkCommand::Knn(args)) => commands::benchmark::knn(&args),
+        Command::Bench(BenchCommand::Data(args)) => commands::bench_data::run(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -185,6 +185,10 @@ pub struct ResNetsConfig {
     pub width_per_group: usize,
     /// 2 as torchvision; 1 keeps layer4 at layer3's resolution.
     pub layer4_stride: usize,
+    /// vissl-rs: `imagenet` (7x7/2 + max-pool) or `cifar` (3x3/1, no max-pool) stem.
+    pub stem: String,
+    /// vissl-rs: stem and layer1 width before WIDTH_MULTIPLIER.
+    pub base_channels: usize,
 }
 
 /// Normalisation layers of a ResNet.

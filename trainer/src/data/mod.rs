@@ -14,6 +14,9 @@ pub mod transforms;
 
 use image::RgbImage;
 use rand_pcg::Pcg64Mcg;
+use std::path::Path;
+use std::sync::Arc;
+use vissl_crds::config::{DataConfig, DataSplitConfig};
 
 /// Errors of the data pipeline; each names what it was working on.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +53,12 @@ pub struct ChwTensor {
 impl ChwTensor {
     /// A zero tensor of the given shape.
     pub fn zeros(c: usize, h: usize, w: usize) -> Self {
-        Self { c, h, w, data: vec![0.0; c * h * w] }
+        Self {
+            c,
+            h,
+            w,
+            data: vec![0.0; c * h * w],
+        }
     }
 }
 
@@ -89,4 +97,83 @@ pub fn sample_rng(seed: u64, epoch: u64, index: u64) -> Pcg64Mcg {
     let a = mix(seed ^ mix(epoch ^ mix(index)));
     let b = mix(a ^ 0xD1B5_4A32_D192_ED03);
     Pcg64Mcg::new(((a as u128) << 64) | b as u128 | 1)
+}
+
+/// Everything one split needs to produce batches: dataset, transforms, collator and this rank's sampler.
+pub struct SplitPipeline {
+    pub dataset: Arc<dataset::Dataset>,
+    pub transforms: Arc<transforms::Pipeline>,
+    pub collator: Arc<collators::Collator>,
+    pub sampler: sampler::Sampler,
+    split_config: DataSplitConfig,
+}
+
+impl SplitPipeline {
+    /// Build split `split` (`TRAIN` | `TEST`) for `rank` of `world_size`; `catalog` is
+    /// `<configs>/dataset_catalog.json` (used when DATA_PATHS is empty; may be absent).
+    pub fn from_config(
+        split: &str,
+        cfg: &DataSplitConfig,
+        catalog: &Path,
+        world_size: usize,
+        rank: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let catalog = if catalog.exists() {
+            Some(sources::catalog::DatasetCatalog::load(catalog)?)
+        } else {
+            None
+        };
+        let dataset = Arc::new(dataset::Dataset::from_config(split, cfg, catalog.as_ref())?);
+        let transforms = Arc::new(transforms::Pipeline::from_config(&cfg.transforms)?);
+        let collator = Arc::new(collators::build(
+            &cfg.collate_function,
+            &cfg.collate_function_params,
+        )?);
+        let sampler = sampler::Sampler::from_config(cfg, dataset.len(), world_size, rank, seed)?;
+        Ok(Self {
+            dataset,
+            transforms,
+            collator,
+            sampler,
+            split_config: cfg.clone(),
+        })
+    }
+
+    /// A loader over `epoch`, starting at batch `start_iter`.
+    pub fn loader(
+        &self,
+        data: &DataConfig,
+        seed: u64,
+        epoch: u64,
+        start_iter: usize,
+        device: tch::Device,
+    ) -> Result<loader::DataLoader> {
+        let options = loader::LoaderOptions::from_config(
+            data,
+            &self.split_config,
+            seed,
+            epoch,
+            start_iter,
+            device,
+        );
+        loader::DataLoader::new(
+            self.dataset.clone(),
+            self.transforms.clone(),
+            self.collator.clone(),
+            &self.sampler,
+            options,
+        )
+    }
+
+    /// Batches per epoch for this rank.
+    pub fn batches_per_epoch(&self) -> usize {
+        let n = self.sampler.indices(0).len();
+        let b = self.split_config.batchsize_per_replica.max(1);
+        if self.split_config.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
 }

@@ -1,0 +1,3 @@
+//! Evaluation benchmarks on frozen features.
+
+pub mod knn;

@@ -1,0 +1,120 @@
+//! Feature extraction (`engine_name=extract_features`, and the first half of every benchmark): run a model
+//! in evaluation mode over a split and keep the chosen layer's features with labels and sample indices.
+
+use crate::data::SplitPipeline;
+use crate::models::BaseSslModel;
+use anyhow::{anyhow, Context, Result};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+use vissl_crds::config::DataConfig;
+
+/// Features of one split at one layer, in sample-index order.
+pub struct SplitFeatures {
+    /// `[N, ...]` float features.
+    pub features: Tensor,
+    /// `[N]` labels.
+    pub labels: Tensor,
+    /// `[N]` dataset indices.
+    pub indices: Tensor,
+}
+
+/// Which representation to read from the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layer {
+    /// The model's head outputs (VISSL's `heads`), first head.
+    Heads,
+    /// A trunk feature by VISSL name (`res5avg`, `flatten`, `res4`, ...).
+    Trunk(String),
+    /// The input tensor itself, flattened: the raw-pixel baseline.
+    Input,
+}
+
+impl Layer {
+    /// VISSL's layer name (`heads` or a trunk feature name).
+    pub fn parse(name: &str) -> Self {
+        match name {
+            "" | "heads" => Layer::Heads,
+            "input" | "pixels" => Layer::Input,
+            other => Layer::Trunk(other.to_string()),
+        }
+    }
+}
+
+/// Run `model` (eval mode, no grad) over every sample of `split` once, in index order.
+pub fn extract_split(
+    model: &BaseSslModel,
+    split: &SplitPipeline,
+    data: &DataConfig,
+    seed: u64,
+    device: Device,
+    layer: &Layer,
+) -> Result<SplitFeatures> {
+    let _guard = tch::no_grad_guard();
+    let loader = split.loader(data, seed, 0, 0, device)?;
+    let (mut feats, mut labels, mut indices) = (Vec::new(), Vec::new(), Vec::new());
+    for batch in loader {
+        let batch = batch?;
+        let input = batch
+            .data
+            .first()
+            .ok_or_else(|| anyhow!("collated batch has no `data` tensor"))?;
+        let input = input.to_device(device);
+        let out = match layer {
+            Layer::Heads => model
+                .forward_t(&input, false)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("model has no head output; set NEAREST_NEIGHBOR.FEATURES.LAYER_NAME to a trunk layer"))?,
+            Layer::Trunk(name) => model
+                .trunk_features(&input, &[name.as_str()], false)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("trunk produced no `{name}` feature"))?,
+            Layer::Input => input.shallow_clone(),
+        };
+        feats.push(
+            out.flatten(1, -1)
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu),
+        );
+        let label = batch
+            .label
+            .first()
+            .ok_or_else(|| anyhow!("collated batch has no `label` tensor"))?;
+        labels.push(label.view([-1]).to_device(Device::Cpu));
+        let idx = batch
+            .data_idx
+            .first()
+            .ok_or_else(|| anyhow!("collated batch has no `data_idx` tensor"))?;
+        indices.push(idx.view([-1]).to_device(Device::Cpu));
+    }
+    if feats.is_empty() {
+        return Err(anyhow!("split {} produced no batch", split.dataset.split()));
+    }
+    let features = Tensor::cat(&feats, 0);
+    let labels = Tensor::cat(&labels, 0);
+    let indices = Tensor::cat(&indices, 0);
+    // The sampler shuffles; sort by dataset index so outputs line up with the dataset and across runs.
+    let order = indices.argsort(0, false);
+    Ok(SplitFeatures {
+        features: features.index_select(0, &order),
+        labels: labels.index_select(0, &order),
+        indices: indices.index_select(0, &order),
+    })
+}
+
+/// Write a split's features as `<dir>/<split>_<layer>.safetensors` (tensors `features`, `targets`, `inds`).
+pub fn save_features(dir: &Path, split: &str, layer: &str, f: &SplitFeatures) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{}_{layer}.safetensors", split.to_lowercase()));
+    Tensor::write_safetensors(
+        &[
+            ("features", &f.features),
+            ("targets", &f.labels),
+            ("inds", &f.indices),
+        ],
+        &path,
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}

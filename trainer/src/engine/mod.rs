@@ -1,0 +1,651 @@
+//! The training engine, structured as VISSL's: a trainer builds a task (model, loss, optimizer, schedules,
+//! data) from the config, then runs train phases (and test phases every TEST_EVERY_NUM_EPOCH) step by step,
+//! calling the hooks at VISSL's nine events.
+
+pub mod extract;
+pub mod hooks;
+pub mod meters;
+pub mod progress;
+
+use crate::checkpoint::{self, Position, TensorGroup};
+use crate::data::{collators::Batch, SplitPipeline};
+use crate::losses::{self, Loss, LossContext};
+use crate::models::{BaseSslModel, ModelParams};
+use crate::optim::{NamedParam, Optimizer, OptimizerParams};
+use anyhow::{anyhow, bail, Context, Result};
+use hooks::{CheckNanHook, Hook};
+use meters::AccuracyListMeter;
+use progress::{Progress, StepStats};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tch::{nn, Device, Tensor};
+use vissl_crds::config::schedulers::{ParamScheduler, UpdateInterval};
+use vissl_crds::config::{default_configs_root, Config};
+
+/// Train or test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Train,
+    Test,
+}
+
+impl Phase {
+    /// `train` / `test`, as VISSL names phases.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Train => "train",
+            Phase::Test => "test",
+        }
+    }
+}
+
+/// Options of a run that are not part of the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop (after checkpointing) once this many iterations are done: a planned preemption, for testing
+    /// resume and for time-boxed runs.
+    pub stop_after_iterations: Option<u64>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Loss of every training iteration this process ran, in order, with its iteration number.
+    pub losses: Vec<(u64, f64)>,
+    /// Iterations done in total (including those before a resume).
+    pub iterations: u64,
+    /// The last checkpoint written, if any.
+    pub last_checkpoint: Option<PathBuf>,
+    /// Test-phase meter readings of the last test phase.
+    pub test_meters: Vec<meters::AccuracyReading>,
+}
+
+/// Everything a run holds; hooks see and act on it.
+pub struct Task {
+    pub config: Config,
+    pub device: Device,
+    pub vs: nn::VarStore,
+    pub model: BaseSslModel,
+    pub loss: Box<dyn Loss>,
+    pub optimizer: Optimizer,
+    lr_schedule: Box<dyn ParamScheduler>,
+    lr_head_schedule: Box<dyn ParamScheduler>,
+    pub train_data: SplitPipeline,
+    pub test_data: Option<SplitPipeline>,
+    pub phase: Phase,
+    pub iteration: u64,
+    pub epoch: u64,
+    pub iteration_in_epoch: u64,
+    pub iterations_per_epoch: u64,
+    pub num_epochs: u64,
+    pub last_loss: f64,
+    pub lr: f64,
+    pub lr_head: f64,
+    pub last_output: Vec<Tensor>,
+    pub last_target: Option<Tensor>,
+    pub meter: Option<AccuracyListMeter>,
+    pub checkpoint_dir: PathBuf,
+    pub last_checkpoint: Option<PathBuf>,
+    /// Set by a hook (or the run options) to end the run after the current step.
+    pub stop_requested: bool,
+}
+
+/// The device MACHINE.DEVICE asks for; a GPU request without a GPU is an error with the fix.
+pub fn select_device(config: &Config) -> Result<Device> {
+    use vissl_crds::config::Device as Want;
+    match config.machine.device {
+        Want::Cpu => Ok(Device::Cpu),
+        Want::Gpu if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        Want::Gpu => bail!(
+            "MACHINE.DEVICE is gpu but no CUDA device is available; run with config.MACHINE.DEVICE=cpu"
+        ),
+    }
+}
+
+/// The raw (resolved) subtree of a top-level config group, for the modules that read VISSL's YAML.
+pub fn raw_group<'a>(config: &'a Config, group: &str) -> Result<&'a serde_yaml::Value> {
+    config
+        .raw
+        .get(group)
+        .ok_or_else(|| anyhow!("resolved config has no `{group}` group"))
+}
+
+/// Build the model of `config` on `device` (weights initialised from MODEL.WEIGHTS_INIT when set).
+pub fn build_model(config: &Config, device: Device) -> Result<(nn::VarStore, BaseSslModel)> {
+    let params = ModelParams::from_yaml(raw_group(config, "MODEL")?).context("MODEL")?;
+    let vs = nn::VarStore::new(device);
+    let model = BaseSslModel::new(&vs, &params).context("building the model")?;
+    Ok((vs, model))
+}
+
+fn phase_loaders_input(batch: &Batch) -> Result<&Tensor> {
+    batch
+        .data
+        .first()
+        .ok_or_else(|| anyhow!("collated batch has no `data` tensor"))
+}
+
+impl Task {
+    /// Build the task from a resolved config (model initialised from SEED_VALUE).
+    pub fn new(config: Config) -> Result<Self> {
+        tch::manual_seed(config.seed_value as i64);
+        let device = select_device(&config)?;
+        let (vs, model) = build_model(&config, device)?;
+        let loss = losses::build_loss(raw_group(&config, "LOSS")?, LossContext::single_process())
+            .context("LOSS")?;
+        let opt_params =
+            OptimizerParams::from_yaml(raw_group(&config, "OPTIMIZER")?).context("OPTIMIZER")?;
+        let optimizer = Optimizer::new(
+            NamedParam::trainable(model.trainable_parameters()),
+            &opt_params,
+        )
+        .context("OPTIMIZER")?;
+        let num_epochs = config.optimizer.num_epochs as u64;
+        let schedules = &config.optimizer.param_schedulers;
+        let lr_schedule = schedules
+            .lr
+            .build("OPTIMIZER.param_schedulers.lr", config.optimizer.num_epochs)?;
+        let lr_head_schedule = schedules.lr_head.build(
+            "OPTIMIZER.param_schedulers.lr_head",
+            config.optimizer.num_epochs,
+        )?;
+        let catalog = default_configs_root().join("dataset_catalog.json");
+        let world = config.distributed.num_nodes * config.distributed.num_proc_per_node;
+        let (world, rank) = (world.max(1), 0);
+        let train_data = SplitPipeline::from_config(
+            "TRAIN",
+            &config.data.train,
+            &catalog,
+            world,
+            rank,
+            config.seed_value,
+        )
+        .context("DATA.TRAIN")?;
+        let test_configured = config.test_model && !config.data.test.data_sources.is_empty();
+        let test_data = if test_configured {
+            Some(
+                SplitPipeline::from_config(
+                    "TEST",
+                    &config.data.test,
+                    &catalog,
+                    world,
+                    rank,
+                    config.seed_value,
+                )
+                .context("DATA.TEST")?,
+            )
+        } else {
+            None
+        };
+        let iterations_per_epoch = train_data.batches_per_epoch() as u64;
+        if iterations_per_epoch == 0 {
+            bail!(
+                "DATA.TRAIN yields no batch per epoch ({} samples, BATCHSIZE_PER_REPLICA {}, DROP_LAST {})",
+                train_data.dataset.len(),
+                config.data.train.batchsize_per_replica,
+                config.data.train.drop_last
+            );
+        }
+        let meter =
+            (!config.meters.names.is_empty() || !config.meters.name.is_empty()).then(|| {
+                let m = &config.meters.accuracy_list_meter;
+                AccuracyListMeter::new(
+                    m.topk_values.iter().map(|&k| k as i64).collect(),
+                    m.meter_names.clone(),
+                )
+            });
+        let checkpoint_dir = PathBuf::from(&config.checkpoint.dir);
+        Ok(Self {
+            device,
+            vs,
+            model,
+            loss,
+            optimizer,
+            lr_schedule,
+            lr_head_schedule,
+            train_data,
+            test_data,
+            phase: Phase::Train,
+            iteration: 0,
+            epoch: 0,
+            iteration_in_epoch: 0,
+            iterations_per_epoch,
+            num_epochs,
+            last_loss: 0.0,
+            lr: 0.0,
+            lr_head: 0.0,
+            last_output: Vec::new(),
+            last_target: None,
+            meter,
+            checkpoint_dir,
+            last_checkpoint: None,
+            stop_requested: false,
+            config,
+        })
+    }
+
+    /// Iterations of the whole run.
+    pub fn total_iterations(&self) -> u64 {
+        self.num_epochs * self.iterations_per_epoch
+    }
+
+    fn schedule_where(&self, schedule: &dyn ParamScheduler) -> f64 {
+        let w = match schedule.update_interval() {
+            UpdateInterval::Step => self.iteration as f64 / self.total_iterations().max(1) as f64,
+            UpdateInterval::Epoch => self.epoch as f64 / self.num_epochs.max(1) as f64,
+        };
+        // Schedules are defined on [0, 1); the last step sits just below 1.
+        w.min(1.0 - 1e-9)
+    }
+
+    fn update_lr(&mut self) {
+        self.lr = self
+            .lr_schedule
+            .value(self.schedule_where(self.lr_schedule.as_ref()));
+        self.lr_head = self
+            .lr_head_schedule
+            .value(self.schedule_where(self.lr_head_schedule.as_ref()));
+    }
+
+    /// Everything a checkpoint holds, grouped by file.
+    fn checkpoint_groups(&self) -> Vec<TensorGroup> {
+        let model = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().to_device(Device::Cpu)))
+            .collect();
+        let optimizer = self
+            .optimizer
+            .state_dict()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(Device::Cpu)))
+            .collect();
+        let mut groups = vec![
+            TensorGroup {
+                name: "model".into(),
+                tensors: model,
+            },
+            TensorGroup {
+                name: "optimizer".into(),
+                tensors: optimizer,
+            },
+        ];
+        let loss_state = self.loss.state_tensors();
+        if !loss_state.is_empty() {
+            groups.push(TensorGroup {
+                name: "loss".into(),
+                tensors: loss_state,
+            });
+        }
+        groups
+    }
+
+    /// Write a checkpoint of the current position and apply retention.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let started = Instant::now();
+        let position = Position {
+            iteration: self.iteration,
+            epoch: self.epoch,
+            iteration_in_epoch: self.iteration_in_epoch,
+        };
+        let folder = checkpoint::save(
+            &self.checkpoint_dir,
+            position,
+            self.config.seed_value,
+            &self.config.hash(),
+            &self.checkpoint_groups(),
+            serde_json::Value::Null,
+        )?;
+        let keep = self.config.checkpoint.keep_last_k;
+        if keep > 0 {
+            checkpoint::retain(&self.checkpoint_dir, keep as usize)?;
+        }
+        tracing::info!(folder = %folder.display(), seconds = started.elapsed().as_secs_f64(), "checkpoint saved");
+        self.last_checkpoint = Some(folder.clone());
+        Ok(folder)
+    }
+
+    /// Restore model, optimizer, loss state and position from a verified checkpoint.
+    pub fn restore(&mut self, ckpt: &checkpoint::Checkpoint) -> Result<()> {
+        if ckpt.manifest.config_hash != self.config.hash() {
+            tracing::warn!(
+                folder = %ckpt.folder.display(),
+                "resuming from a checkpoint written under a different config"
+            );
+        }
+        copy_into_varstore(&self.vs, &ckpt.tensors("model")?)
+            .with_context(|| format!("{}", ckpt.folder.display()))?;
+        self.optimizer
+            .load_state_dict(&ckpt.tensors("optimizer")?)
+            .with_context(|| format!("optimizer state of {}", ckpt.folder.display()))?;
+        if ckpt
+            .manifest
+            .files
+            .iter()
+            .any(|f| f.name == "loss.safetensors")
+        {
+            self.loss.load_state(&ckpt.tensors("loss")?)?;
+        }
+        let p = &ckpt.manifest.position;
+        self.iteration = p.iteration;
+        self.epoch = p.epoch;
+        self.iteration_in_epoch = p.iteration_in_epoch;
+        if self.iteration_in_epoch >= self.iterations_per_epoch {
+            self.epoch += 1;
+            self.iteration_in_epoch = 0;
+        }
+        tracing::info!(
+            folder = %ckpt.folder.display(),
+            iteration = self.iteration,
+            epoch = self.epoch,
+            "resumed"
+        );
+        Ok(())
+    }
+
+    /// The model's outputs for a collated batch (multi-crop batches go through the multi-resolution path).
+    pub fn forward(&self, batch: &Batch, train: bool) -> Result<Vec<Tensor>> {
+        let outputs = if batch.data.len() > 1 {
+            let crops: Vec<Tensor> = batch
+                .data
+                .iter()
+                .map(|t| t.to_device(self.device))
+                .collect();
+            self.model.forward_multi_res(&crops, train)?
+        } else {
+            self.model
+                .forward_t(&phase_loaders_input(batch)?.to_device(self.device), train)?
+        };
+        Ok(outputs)
+    }
+}
+
+/// Copy named tensors into a VarStore's variables; every variable must be present with its shape.
+pub fn copy_into_varstore(vs: &nn::VarStore, named: &[(String, Tensor)]) -> Result<()> {
+    let by_name: std::collections::HashMap<&str, &Tensor> =
+        named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let _guard = tch::no_grad_guard();
+    for (name, mut var) in vs.variables() {
+        let src = by_name
+            .get(name.as_str())
+            .ok_or_else(|| anyhow!("model tensor `{name}` missing"))?;
+        if src.size() != var.size() {
+            bail!(
+                "model tensor `{name}`: checkpoint has shape {:?}, model {:?}",
+                src.size(),
+                var.size()
+            );
+        }
+        var.copy_(src);
+    }
+    Ok(())
+}
+
+fn call<F>(hooks: &mut [Box<dyn Hook>], task: &mut Task, mut event: F) -> Result<()>
+where
+    F: FnMut(&mut dyn Hook, &mut Task) -> Result<()>,
+{
+    for hook in hooks.iter_mut() {
+        event(hook.as_mut(), task)?;
+    }
+    Ok(())
+}
+
+/// The trainer: runs a task's phases with its hooks.
+pub struct Trainer {
+    pub task: Task,
+    hooks: Vec<Box<dyn Hook>>,
+    options: RunOptions,
+}
+
+impl Trainer {
+    /// Build the task and the standard hooks (NaN check when HOOKS.CHECK_NAN).
+    pub fn new(config: Config, options: RunOptions) -> Result<Self> {
+        let check_nan = config.hooks.check_nan;
+        let task = Task::new(config)?;
+        let mut hooks: Vec<Box<dyn Hook>> = Vec::new();
+        if check_nan {
+            hooks.push(Box::new(CheckNanHook));
+        }
+        Ok(Self {
+            task,
+            hooks,
+            options,
+        })
+    }
+
+    /// Add a hook after the standard ones.
+    pub fn add_hook(&mut self, hook: Box<dyn Hook>) {
+        self.hooks.push(hook);
+    }
+
+    /// Resume (CHECKPOINT.AUTO_RESUME) and train to OPTIMIZER.num_epochs (or the planned stop).
+    pub fn train(mut self) -> Result<RunSummary> {
+        let task = &mut self.task;
+        if task.config.checkpoint.auto_resume {
+            if let Some(ckpt) = checkpoint::latest(&task.checkpoint_dir)? {
+                task.restore(&ckpt)?;
+            }
+        }
+        let mut losses = Vec::new();
+        let mut test_meters = Vec::new();
+        let total = task.total_iterations();
+        let mut progress = Progress::new(task.config.log_frequency as u64);
+        call(&mut self.hooks, task, |h, t| h.on_start(t))?;
+        tracing::info!(
+            epochs = task.num_epochs,
+            iterations = total,
+            per_epoch = task.iterations_per_epoch,
+            start_iteration = task.iteration,
+            device = ?task.device,
+            "training"
+        );
+        let mut train_images = 0u64;
+        let mut data_wait = Duration::ZERO;
+        let run_started = Instant::now();
+        while task.epoch < task.num_epochs && !task.stop_requested {
+            task.phase = Phase::Train;
+            call(&mut self.hooks, task, |h, t| h.on_phase_start(t))?;
+            let seed = task.config.seed_value;
+            let mut loader = task.train_data.loader(
+                &task.config.data,
+                seed,
+                task.epoch,
+                task.iteration_in_epoch as usize,
+                task.device,
+            )?;
+            let phase_started = Instant::now();
+            let mut phase_images = 0u64;
+            loop {
+                let wait_started = Instant::now();
+                let Some(batch) = loader.next() else { break };
+                data_wait += wait_started.elapsed();
+                let batch = batch.with_context(|| {
+                    format!(
+                        "loading epoch {} batch {}",
+                        task.epoch, task.iteration_in_epoch
+                    )
+                })?;
+                task.update_lr();
+                let outputs = task.forward(&batch, true)?;
+                let target = batch.label.first().map(|t| t.to_device(task.device));
+                task.last_output = outputs;
+                task.last_target = target;
+                call(&mut self.hooks, task, |h, t| h.on_forward(t))?;
+                let target = task
+                    .last_target
+                    .as_ref()
+                    .map(|t| t.shallow_clone())
+                    .unwrap_or_else(|| Tensor::zeros([0], (tch::Kind::Int64, task.device)));
+                let loss = task.loss.forward(&task.last_output, &target)?;
+                task.last_loss = loss.double_value(&[]);
+                call(&mut self.hooks, task, |h, t| h.on_loss_and_meter(t))?;
+                task.optimizer.zero_grad();
+                loss.backward();
+                call(&mut self.hooks, task, |h, t| h.on_backward(t))?;
+                task.optimizer.step(task.lr, task.lr_head)?;
+                call(&mut self.hooks, task, |h, t| h.on_update(t))?;
+                task.iteration += 1;
+                task.iteration_in_epoch += 1;
+                losses.push((task.iteration, task.last_loss));
+                let n = batch
+                    .data_idx
+                    .first()
+                    .map(|t| t.size()[0] as u64)
+                    .unwrap_or(0);
+                phase_images += n;
+                train_images += n;
+                let elapsed = phase_started.elapsed().as_secs_f64().max(1e-9);
+                let rate = phase_images as f64 / elapsed;
+                let remaining = total.saturating_sub(task.iteration) as f64;
+                let per_iter = run_started.elapsed().as_secs_f64() / losses.len().max(1) as f64;
+                progress.step(&StepStats {
+                    iteration: task.iteration,
+                    total_iterations: total,
+                    epoch: task.epoch,
+                    num_epochs: task.num_epochs,
+                    loss: task.last_loss,
+                    lr: task.lr,
+                    images_per_s: rate,
+                    data_wait_fraction: data_wait.as_secs_f64()
+                        / run_started.elapsed().as_secs_f64().max(1e-9),
+                    eta: Duration::from_secs_f64(remaining * per_iter),
+                });
+                call(&mut self.hooks, task, |h, t| h.on_step(t))?;
+                let iter_freq = task.config.checkpoint.checkpoint_iter_frequency;
+                let planned_stop = self
+                    .options
+                    .stop_after_iterations
+                    .is_some_and(|n| task.iteration >= n);
+                if planned_stop {
+                    task.stop_requested = true;
+                }
+                let epoch_done = task.iteration_in_epoch >= task.iterations_per_epoch;
+                if !epoch_done
+                    && ((iter_freq > 0 && task.iteration.is_multiple_of(iter_freq as u64))
+                        || planned_stop)
+                {
+                    task.save_checkpoint()?;
+                }
+                if task.stop_requested && !epoch_done {
+                    break;
+                }
+            }
+            if task.iteration_in_epoch < task.iterations_per_epoch {
+                // Stopped mid-epoch (planned stop); the checkpoint above holds the position.
+                break;
+            }
+            progress.finish();
+            call(&mut self.hooks, task, |h, t| h.on_phase_end(t))?;
+            tracing::info!(
+                epoch = task.epoch + 1,
+                loss = task.last_loss,
+                images_per_s =
+                    phase_images as f64 / phase_started.elapsed().as_secs_f64().max(1e-9),
+                "train phase done"
+            );
+            task.epoch += 1;
+            task.iteration_in_epoch = 0;
+            let freq = task.config.checkpoint.checkpoint_frequency.max(1) as u64;
+            if task.epoch.is_multiple_of(freq)
+                || task.epoch == task.num_epochs
+                || task.stop_requested
+            {
+                task.save_checkpoint()?;
+            }
+            let every = task.config.test_every_num_epoch.max(1) as u64;
+            if task.test_data.is_some()
+                && (task.epoch.is_multiple_of(every) || task.epoch == task.num_epochs)
+            {
+                test_meters = run_test_phase(task, &mut self.hooks)?;
+            }
+        }
+        progress.finish();
+        call(&mut self.hooks, task, |h, t| h.on_end(t))?;
+        tracing::info!(
+            iterations = task.iteration,
+            images = train_images,
+            seconds = run_started.elapsed().as_secs_f64(),
+            "run finished"
+        );
+        Ok(RunSummary {
+            losses,
+            iterations: task.iteration,
+            last_checkpoint: task.last_checkpoint.clone(),
+            test_meters,
+        })
+    }
+}
+
+fn run_test_phase(
+    task: &mut Task,
+    hooks: &mut [Box<dyn Hook>],
+) -> Result<Vec<meters::AccuracyReading>> {
+    task.phase = Phase::Test;
+    call(hooks, task, |h, t| h.on_phase_start(t))?;
+    if let Some(m) = task.meter.as_mut() {
+        m.reset();
+    }
+    let Some(test) = task.test_data.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let loader = test.loader(
+        &task.config.data,
+        task.config.seed_value,
+        task.epoch,
+        0,
+        task.device,
+    )?;
+    let _guard = tch::no_grad_guard();
+    let mut loss_sum = 0.0;
+    let mut batches = 0u64;
+    for batch in loader {
+        let batch = batch?;
+        let outputs = task.forward(&batch, false)?;
+        let target = batch.label.first().map(|t| t.to_device(task.device));
+        if let (Some(meter), Some(target)) = (task.meter.as_mut(), target.as_ref()) {
+            meter.update(&outputs, target);
+        }
+        if let Some(target) = target.as_ref() {
+            if let Ok(loss) = task.loss.forward(&outputs, target) {
+                loss_sum += loss.double_value(&[]);
+                batches += 1;
+            }
+        }
+    }
+    let readings = task.meter.as_ref().map(|m| m.value()).unwrap_or_default();
+    for r in &readings {
+        let topk: Vec<String> = r
+            .topk
+            .iter()
+            .map(|(k, v)| format!("top_{k} {v:.2}"))
+            .collect();
+        tracing::info!(meter = %r.name, "test accuracy: {}", topk.join(" "));
+    }
+    if batches > 0 {
+        tracing::info!(loss = loss_sum / batches as f64, "test phase done");
+    }
+    call(hooks, task, |h, t| h.on_phase_end(t))?;
+    task.phase = Phase::Train;
+    Ok(readings)
+}
+
+/// Where a model's weights come from for evaluation: a checkpoint folder, a CHECKPOINT.DIR (its newest
+/// verified checkpoint), or a `.safetensors` file of model tensors.
+pub fn load_model_weights(vs: &nn::VarStore, source: &Path) -> Result<PathBuf> {
+    if source.is_file() {
+        let named = Tensor::read_safetensors(source)
+            .with_context(|| format!("reading {}", source.display()))?;
+        copy_into_varstore(vs, &named)?;
+        return Ok(source.to_path_buf());
+    }
+    let ckpt = if source.join(checkpoint::MANIFEST).exists() {
+        checkpoint::verify(source)?
+    } else {
+        checkpoint::latest(source)?
+            .ok_or_else(|| anyhow!("no verified checkpoint under {}", source.display()))?
+    };
+    copy_into_varstore(vs, &ckpt.tensors("model")?)?;
+    Ok(ckpt.folder)
+}
