@@ -154,6 +154,8 @@ pub fn names(kind: Kind) -> &'static [&'static str] {
         Kind::Heads => &["mlp", "eval_mlp", "identity"],
         Kind::Transforms => &[
             "RandomResizedCrop",
+            "RandomCrop",
+            "ImgPilMultiCropRandomApply",
             "Resize",
             "CenterCrop",
             "RandomHorizontalFlip",
@@ -200,18 +202,9 @@ pub fn names(kind: Kind) -> &'static [&'static str] {
             "composite",
         ],
         Kind::Optimizers => &["sgd", "adamw"],
-        // VISSL's hooks that the config switches on: NaN check (HOOKS.CHECK_NAN), loss/LR/ETA logging,
-        // checkpointing (CHECKPOINT.*), perf stats (HOOKS.PERF_STATS), model complexity
-        // (HOOKS.MODEL_COMPLEXITY), and the sampler-epoch / freeze-parameters housekeeping hooks.
-        Kind::Hooks => &[
-            "check_nan",
-            "log_loss_lr_eta",
-            "log_loss_metrics_checkpoint",
-            "log_perf_time_metrics",
-            "model_complexity",
-            "set_data_sampler_epoch",
-            "freeze_parameters",
-        ],
+        // The engine's hooks, switched on by config keys (never named in configs): NaN check
+        // (HOOKS.CHECK_NAN), loss/LR/ETA logging (LOG_FREQUENCY), checkpointing (CHECKPOINT.*).
+        Kind::Hooks => &["check_nan", "log_loss_lr_eta", "checkpoint"],
     }
 }
 

@@ -8,11 +8,7 @@ use vissl_trainer::{commands, logging};
 #[derive(clap::Args, Debug, Clone)]
 struct Overrides {
     /// `config=<path>` and `config.KEY=VALUE` overrides, in order.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "OVERRIDES"
-    )]
+    #[arg(value_name = "OVERRIDES")]
     args: Vec<String>,
 }
 

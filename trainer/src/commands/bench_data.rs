@@ -35,11 +35,7 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// `config=...` and `config.KEY=VALUE` overrides, in order.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "OVERRIDES"
-    )]
+    #[arg(value_name = "OVERRIDES")]
     pub overrides: Vec<String>,
 }
 

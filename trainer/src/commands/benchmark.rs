@@ -23,11 +23,7 @@ pub struct KnnArgs {
     #[arg(long)]
     pub output: Option<PathBuf>,
     /// `config=...` and `config.KEY=VALUE` overrides, in order.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "OVERRIDES"
-    )]
+    #[arg(value_name = "OVERRIDES")]
     pub overrides: Vec<String>,
 }
 

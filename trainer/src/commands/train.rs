@@ -13,11 +13,7 @@ pub struct Args {
     #[arg(long)]
     pub stop_after_iterations: Option<u64>,
     /// `config=...` and `config.KEY=VALUE` overrides, in order.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "OVERRIDES"
-    )]
+    #[arg(value_name = "OVERRIDES")]
     pub overrides: Vec<String>,
 }
 

@@ -1,8 +1,10 @@
 //! VISSL's hook events. Hooks observe and act on the task at nine points of a run; the train loop itself
 //! only calls them, so logging, NaN checks, checkpointing and meters stay out of it.
 
-use super::Task;
+use super::progress::{Progress, StepStats};
+use super::{Phase, Task};
 use anyhow::Result;
+use std::time::Duration;
 
 /// A hook at VISSL's nine events; every method defaults to doing nothing.
 pub trait Hook {
@@ -57,6 +59,106 @@ impl Hook for CheckNanHook {
                 task.epoch,
                 task.phase.name()
             );
+        }
+        Ok(())
+    }
+}
+
+/// The hooks the engine installs, by their registry names (`vissl list hooks`).
+pub fn names() -> Vec<&'static str> {
+    vec!["check_nan", "log_loss_lr_eta", "checkpoint"]
+}
+
+/// Loss, learning rate, images/s and ETA every LOG_FREQUENCY steps (a live bar on a terminal).
+pub struct LogLossLrEtaHook {
+    progress: Progress,
+    steps_this_run: u64,
+}
+
+impl LogLossLrEtaHook {
+    /// Log every `log_frequency` steps when not on a terminal.
+    pub fn new(log_frequency: u64) -> Self {
+        Self {
+            progress: Progress::new(log_frequency),
+            steps_this_run: 0,
+        }
+    }
+}
+
+impl Hook for LogLossLrEtaHook {
+    fn on_step(&mut self, task: &mut Task) -> Result<()> {
+        self.steps_this_run += 1;
+        let stats = &task.stats;
+        let phase_secs = stats.phase_started.elapsed().as_secs_f64().max(1e-9);
+        let run_secs = stats.run_started.elapsed().as_secs_f64().max(1e-9);
+        let total = task.total_iterations();
+        let per_step = run_secs / self.steps_this_run as f64;
+        self.progress.step(&StepStats {
+            iteration: task.iteration,
+            total_iterations: total,
+            epoch: task.epoch,
+            num_epochs: task.num_epochs,
+            loss: task.last_loss,
+            lr: task.lr,
+            images_per_s: stats.phase_images as f64 / phase_secs,
+            data_wait_fraction: stats.data_wait.as_secs_f64() / phase_secs,
+            eta: Duration::from_secs_f64(total.saturating_sub(task.iteration) as f64 * per_step),
+        });
+        Ok(())
+    }
+
+    fn on_phase_end(&mut self, task: &mut Task) -> Result<()> {
+        if task.phase == Phase::Train {
+            self.progress.finish();
+            let stats = &task.stats;
+            tracing::info!(
+                epoch = task.epoch + 1,
+                loss = task.last_loss,
+                images_per_s = stats.phase_images as f64
+                    / stats.phase_started.elapsed().as_secs_f64().max(1e-9),
+                data_wait_s = stats.data_wait.as_secs_f64(),
+                "train phase done"
+            );
+        }
+        Ok(())
+    }
+
+    fn on_end(&mut self, task: &mut Task) -> Result<()> {
+        self.progress.finish();
+        tracing::info!(
+            iterations = task.iteration,
+            seconds = task.stats.run_started.elapsed().as_secs_f64(),
+            "run finished"
+        );
+        Ok(())
+    }
+}
+
+/// CHECKPOINT_FREQUENCY (epochs), CHECKPOINT_ITER_FREQUENCY (steps), and a checkpoint before a planned stop.
+pub struct CheckpointHook;
+
+impl Hook for CheckpointHook {
+    fn on_step(&mut self, task: &mut Task) -> Result<()> {
+        let epoch_done = task.iteration_in_epoch >= task.iterations_per_epoch;
+        if epoch_done {
+            // The phase-end checkpoint covers it.
+            return Ok(());
+        }
+        let every = task.config.checkpoint.checkpoint_iter_frequency;
+        if (every > 0 && task.iteration.is_multiple_of(every as u64)) || task.stop_requested {
+            task.save_checkpoint()?;
+        }
+        Ok(())
+    }
+
+    fn on_phase_end(&mut self, task: &mut Task) -> Result<()> {
+        if task.phase != Phase::Train {
+            return Ok(());
+        }
+        let done = task.epoch + 1;
+        let every = task.config.checkpoint.checkpoint_frequency.max(1) as u64;
+        if done.is_multiple_of(every) || done == task.num_epochs || task.stop_requested {
+            task.save_checkpoint()?;
         }
         Ok(())
     }

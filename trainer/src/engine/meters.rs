@@ -1,6 +1,11 @@
 //! Meters: running evaluation statistics reported at phase ends (`METERS.name`).
 
 use serde::Serialize;
+
+/// The meters the engine can build (`METERS.name` / `METERS.names`).
+pub fn names() -> Vec<&'static str> {
+    vec!["accuracy_list_meter"]
+}
 use tch::{Kind, Tensor};
 
 /// `accuracy_list_meter`: top-k accuracies for each of `num_meters` model outputs.

@@ -13,9 +13,8 @@ use crate::losses::{self, Loss, LossContext};
 use crate::models::{BaseSslModel, ModelParams};
 use crate::optim::{NamedParam, Optimizer, OptimizerParams};
 use anyhow::{anyhow, bail, Context, Result};
-use hooks::{CheckNanHook, Hook};
+use hooks::{CheckNanHook, CheckpointHook, Hook, LogLossLrEtaHook};
 use meters::AccuracyListMeter;
-use progress::{Progress, StepStats};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tch::{nn, Device, Tensor};
@@ -88,6 +87,43 @@ pub struct Task {
     pub last_checkpoint: Option<PathBuf>,
     /// Set by a hook (or the run options) to end the run after the current step.
     pub stop_requested: bool,
+    /// Counters the logging hooks read.
+    pub stats: RunStats,
+}
+
+/// Timing and throughput counters of the running phase.
+#[derive(Debug, Clone)]
+pub struct RunStats {
+    /// (iteration, loss) of every training step this process ran.
+    pub losses: Vec<(u64, f64)>,
+    pub run_started: Instant,
+    pub phase_started: Instant,
+    /// Source images consumed in this phase.
+    pub phase_images: u64,
+    /// Time this phase spent waiting for the next batch.
+    pub data_wait: Duration,
+    /// Images replaced after a load failure in the last finished phase.
+    pub images_replaced: u64,
+}
+
+impl RunStats {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            losses: Vec::new(),
+            run_started: now,
+            phase_started: now,
+            phase_images: 0,
+            data_wait: Duration::ZERO,
+            images_replaced: 0,
+        }
+    }
+
+    fn start_phase(&mut self) {
+        self.phase_started = Instant::now();
+        self.phase_images = 0;
+        self.data_wait = Duration::ZERO;
+    }
 }
 
 /// The device MACHINE.DEVICE asks for; a GPU request without a GPU is an error with the fix.
@@ -220,6 +256,7 @@ impl Task {
             checkpoint_dir,
             last_checkpoint: None,
             stop_requested: false,
+            stats: RunStats::new(),
             config,
         })
     }
@@ -400,14 +437,17 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Build the task and the standard hooks (NaN check when HOOKS.CHECK_NAN).
+    /// Build the task and the standard hooks: NaN check (HOOKS.CHECK_NAN), loss/LR/ETA logging, checkpoints.
     pub fn new(config: Config, options: RunOptions) -> Result<Self> {
         let check_nan = config.hooks.check_nan;
+        let log_frequency = config.log_frequency as u64;
         let task = Task::new(config)?;
         let mut hooks: Vec<Box<dyn Hook>> = Vec::new();
         if check_nan {
             hooks.push(Box::new(CheckNanHook));
         }
+        hooks.push(Box::new(LogLossLrEtaHook::new(log_frequency)));
+        hooks.push(Box::new(CheckpointHook));
         Ok(Self {
             task,
             hooks,
@@ -428,132 +468,58 @@ impl Trainer {
                 task.restore(&ckpt)?;
             }
         }
-        let mut losses = Vec::new();
         let mut test_meters = Vec::new();
-        let total = task.total_iterations();
-        let mut progress = Progress::new(task.config.log_frequency as u64);
         call(&mut self.hooks, task, |h, t| h.on_start(t))?;
         tracing::info!(
             epochs = task.num_epochs,
-            iterations = total,
+            iterations = task.total_iterations(),
             per_epoch = task.iterations_per_epoch,
             start_iteration = task.iteration,
             device = ?task.device,
             "training"
         );
-        let mut train_images = 0u64;
-        let mut data_wait = Duration::ZERO;
-        let run_started = Instant::now();
         while task.epoch < task.num_epochs && !task.stop_requested {
             task.phase = Phase::Train;
+            task.stats.start_phase();
             call(&mut self.hooks, task, |h, t| h.on_phase_start(t))?;
-            let seed = task.config.seed_value;
             let mut loader = task.train_data.loader(
                 &task.config.data,
-                seed,
+                task.config.seed_value,
                 task.epoch,
                 task.iteration_in_epoch as usize,
                 task.device,
             )?;
-            let phase_started = Instant::now();
-            let mut phase_images = 0u64;
             loop {
                 let wait_started = Instant::now();
                 let Some(batch) = loader.next() else { break };
-                data_wait += wait_started.elapsed();
+                task.stats.data_wait += wait_started.elapsed();
                 let batch = batch.with_context(|| {
                     format!(
                         "loading epoch {} batch {}",
                         task.epoch, task.iteration_in_epoch
                     )
                 })?;
-                task.update_lr();
-                let outputs = task.forward(&batch, true)?;
-                let target = batch.label.first().map(|t| t.to_device(task.device));
-                task.last_output = outputs;
-                task.last_target = target;
-                call(&mut self.hooks, task, |h, t| h.on_forward(t))?;
-                let target = task
-                    .last_target
-                    .as_ref()
-                    .map(|t| t.shallow_clone())
-                    .unwrap_or_else(|| Tensor::zeros([0], (tch::Kind::Int64, task.device)));
-                let loss = task.loss.forward(&task.last_output, &target)?;
-                task.last_loss = loss.double_value(&[]);
-                call(&mut self.hooks, task, |h, t| h.on_loss_and_meter(t))?;
-                task.optimizer.zero_grad();
-                loss.backward();
-                call(&mut self.hooks, task, |h, t| h.on_backward(t))?;
-                task.optimizer.step(task.lr, task.lr_head)?;
-                call(&mut self.hooks, task, |h, t| h.on_update(t))?;
-                task.iteration += 1;
-                task.iteration_in_epoch += 1;
-                losses.push((task.iteration, task.last_loss));
-                let n = batch
-                    .data_idx
-                    .first()
-                    .map(|t| t.size()[0] as u64)
-                    .unwrap_or(0);
-                phase_images += n;
-                train_images += n;
-                let elapsed = phase_started.elapsed().as_secs_f64().max(1e-9);
-                let rate = phase_images as f64 / elapsed;
-                let remaining = total.saturating_sub(task.iteration) as f64;
-                let per_iter = run_started.elapsed().as_secs_f64() / losses.len().max(1) as f64;
-                progress.step(&StepStats {
-                    iteration: task.iteration,
-                    total_iterations: total,
-                    epoch: task.epoch,
-                    num_epochs: task.num_epochs,
-                    loss: task.last_loss,
-                    lr: task.lr,
-                    images_per_s: rate,
-                    data_wait_fraction: data_wait.as_secs_f64()
-                        / run_started.elapsed().as_secs_f64().max(1e-9),
-                    eta: Duration::from_secs_f64(remaining * per_iter),
-                });
-                call(&mut self.hooks, task, |h, t| h.on_step(t))?;
-                let iter_freq = task.config.checkpoint.checkpoint_iter_frequency;
-                let planned_stop = self
+                train_step(task, &mut self.hooks, &batch)?;
+                if self
                     .options
                     .stop_after_iterations
-                    .is_some_and(|n| task.iteration >= n);
-                if planned_stop {
+                    .is_some_and(|n| task.iteration >= n)
+                {
                     task.stop_requested = true;
                 }
-                let epoch_done = task.iteration_in_epoch >= task.iterations_per_epoch;
-                if !epoch_done
-                    && ((iter_freq > 0 && task.iteration.is_multiple_of(iter_freq as u64))
-                        || planned_stop)
-                {
-                    task.save_checkpoint()?;
-                }
-                if task.stop_requested && !epoch_done {
+                call(&mut self.hooks, task, |h, t| h.on_step(t))?;
+                if task.stop_requested && task.iteration_in_epoch < task.iterations_per_epoch {
                     break;
                 }
             }
+            task.stats.images_replaced = loader.replaced_images();
             if task.iteration_in_epoch < task.iterations_per_epoch {
-                // Stopped mid-epoch (planned stop); the checkpoint above holds the position.
+                // Stopped mid-epoch; the checkpoint hook saved the position at the last step.
                 break;
             }
-            progress.finish();
             call(&mut self.hooks, task, |h, t| h.on_phase_end(t))?;
-            tracing::info!(
-                epoch = task.epoch + 1,
-                loss = task.last_loss,
-                images_per_s =
-                    phase_images as f64 / phase_started.elapsed().as_secs_f64().max(1e-9),
-                "train phase done"
-            );
             task.epoch += 1;
             task.iteration_in_epoch = 0;
-            let freq = task.config.checkpoint.checkpoint_frequency.max(1) as u64;
-            if task.epoch.is_multiple_of(freq)
-                || task.epoch == task.num_epochs
-                || task.stop_requested
-            {
-                task.save_checkpoint()?;
-            }
             let every = task.config.test_every_num_epoch.max(1) as u64;
             if task.test_data.is_some()
                 && (task.epoch.is_multiple_of(every) || task.epoch == task.num_epochs)
@@ -561,21 +527,43 @@ impl Trainer {
                 test_meters = run_test_phase(task, &mut self.hooks)?;
             }
         }
-        progress.finish();
         call(&mut self.hooks, task, |h, t| h.on_end(t))?;
-        tracing::info!(
-            iterations = task.iteration,
-            images = train_images,
-            seconds = run_started.elapsed().as_secs_f64(),
-            "run finished"
-        );
         Ok(RunSummary {
-            losses,
+            losses: std::mem::take(&mut task.stats.losses),
             iterations: task.iteration,
             last_checkpoint: task.last_checkpoint.clone(),
             test_meters,
         })
     }
+}
+
+/// One training step with its hook events: forward, loss, backward, update.
+fn train_step(task: &mut Task, hooks: &mut [Box<dyn Hook>], batch: &Batch) -> Result<()> {
+    task.update_lr();
+    task.last_output = task.forward(batch, true)?;
+    task.last_target = batch.label.first().map(|t| t.to_device(task.device));
+    call(hooks, task, |h, t| h.on_forward(t))?;
+    let target = match &task.last_target {
+        Some(t) => t.shallow_clone(),
+        None => Tensor::zeros([0], (tch::Kind::Int64, task.device)),
+    };
+    let loss = task.loss.forward(&task.last_output, &target)?;
+    task.last_loss = loss.double_value(&[]);
+    call(hooks, task, |h, t| h.on_loss_and_meter(t))?;
+    task.optimizer.zero_grad();
+    loss.backward();
+    call(hooks, task, |h, t| h.on_backward(t))?;
+    task.optimizer.step(task.lr, task.lr_head)?;
+    call(hooks, task, |h, t| h.on_update(t))?;
+    task.iteration += 1;
+    task.iteration_in_epoch += 1;
+    task.stats.losses.push((task.iteration, task.last_loss));
+    task.stats.phase_images += batch
+        .data_idx
+        .first()
+        .map(|t| t.size()[0] as u64)
+        .unwrap_or(0);
+    Ok(())
 }
 
 fn run_test_phase(
