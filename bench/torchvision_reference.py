@@ -192,6 +192,29 @@ def resolve_data_dir(arg: str | None, train: dict) -> Path:
     return data
 
 
+def process_tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (the DataLoader workers).
+
+    CPU time, unlike wall time, does not depend on what else the machine runs, so images per CPU-second is
+    the fair per-core comparison with `vissl bench data`, which reads the same /proc fields for itself.
+    """
+    me = os.getpid()
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command name: state ppid ... utime(12th) stime(13th), counting from state = 1st.
+        if int(entry) == me or int(fields[1]) == me:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
 def measure(loader: DataLoader, batch_size: int, seconds: float) -> dict:
     """Images/s over `seconds` after the first batch, which pays for worker start-up and warm caches."""
     batches = iter(loader)
@@ -200,13 +223,15 @@ def measure(loader: DataLoader, batch_size: int, seconds: float) -> dict:
     warmup = time.perf_counter() - started
     images = 0
     started = time.perf_counter()
+    cpu_started = process_tree_cpu_seconds()
     while True:
         next(batches)
         images += batch_size
         elapsed = time.perf_counter() - started
         if elapsed >= seconds:
             break
-    return {"images": images, "seconds": elapsed, "warmup_s": warmup}
+    cpu = process_tree_cpu_seconds() - cpu_started
+    return {"images": images, "seconds": elapsed, "warmup_s": warmup, "cpu_seconds": cpu}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -298,6 +323,8 @@ def main(argv: list[str]) -> int:
         "views_per_image": views_per_image,
         "images": result["images"],
         "seconds": result["seconds"],
+        "cpu_seconds": result["cpu_seconds"],
+        "images_per_cpu_s": result["images"] / max(result["cpu_seconds"], 1e-9),
         "warmup_s": result["warmup_s"],
         "dataset_images": len(dataset),
         "cpus": os.cpu_count(),

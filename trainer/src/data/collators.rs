@@ -31,6 +31,8 @@ use super::{ChwTensor, DataError, Item, Result, Sample};
 /// One collated minibatch: one tensor per input key, as VISSL's collated dict lists them.
 #[derive(Debug)]
 pub struct Batch {
+    /// Source images (samples) in the batch, whatever the layout of the crops; set by [`Collator::collate`].
+    pub num_samples: usize,
     pub data: Vec<Tensor>,
     pub label: Vec<Tensor>,
     pub data_valid: Vec<Tensor>,
@@ -82,7 +84,9 @@ impl Collator {
         if samples.is_empty() {
             return Err(self.error("cannot collate an empty batch"));
         }
-        (self.collate_fn)(self, samples)
+        let mut batch = (self.collate_fn)(self, samples)?;
+        batch.num_samples = samples.len();
+        Ok(batch)
     }
 
     fn error(&self, reason: impl Into<String>) -> DataError {
@@ -413,6 +417,7 @@ fn default_collate(c: &Collator, samples: &[Sample]) -> Result<Batch> {
         })
         .collect::<Result<_>>()?;
     Ok(Batch {
+        num_samples: 0,
         data,
         label: per_position(c, samples, Field::Label)?,
         data_valid: per_position(c, samples, Field::Valid)?,
@@ -439,6 +444,7 @@ fn simclr_collator(c: &Collator, samples: &[Sample]) -> Result<Batch> {
     let data = stack(c, &gather(c, samples, &order)?)?;
     let [label, valid, idx] = entry_major_fields(c, samples, &order)?;
     Ok(Batch {
+        num_samples: 0,
         data: vec![data],
         label: vec![label],
         data_valid: vec![valid],
@@ -463,6 +469,7 @@ fn multicrop_collator(c: &Collator, samples: &[Sample], padded: bool) -> Result<
         per_crop
     };
     Ok(Batch {
+        num_samples: 0,
         data,
         label: vec![label],
         data_valid: vec![valid],
@@ -502,6 +509,7 @@ fn siamese_collator(c: &Collator, samples: &[Sample]) -> Result<Batch> {
     let data = stack(c, &gather(c, samples, &sample_major(n, 0, towers))?)?;
     let firsts: Vec<_> = (0..n).map(|i| (i, 0)).collect();
     Ok(Batch {
+        num_samples: 0,
         data: vec![data],
         label: vec![int_tensor(&values(c, samples, Field::Label, &firsts)?)],
         data_valid: vec![bool_tensor(&values(c, samples, Field::Valid, &firsts)?)],
@@ -534,6 +542,7 @@ fn moco_collator(c: &Collator, samples: &[Sample]) -> Result<Batch> {
         stack(c, &gather(c, samples, &order)?)
     };
     Ok(Batch {
+        num_samples: 0,
         data: vec![column(0)?, column(1)?],
         label: vec![sample_rows(c, samples, Field::Label)?],
         data_valid: vec![sample_rows(c, samples, Field::Valid)?],
@@ -553,6 +562,7 @@ fn patch_and_image_collator(c: &Collator, samples: &[Sample]) -> Result<Batch> {
     let images = stack(c, &gather(c, samples, &firsts)?)?;
     let patches = stack(c, &gather(c, samples, &sample_major(n, 1, entries))?)?;
     Ok(Batch {
+        num_samples: 0,
         data: vec![images, patches],
         label: vec![int_tensor(&values(c, samples, Field::Label, &firsts)?)],
         data_valid: vec![bool_tensor(&values(c, samples, Field::Valid, &firsts)?)],
@@ -604,6 +614,7 @@ fn targets_one_hot_default_collator(
     }
     let label = int_tensor(&one_hot).view([n as i64, num_classes as i64]);
     Ok(Batch {
+        num_samples: 0,
         data: vec![data],
         label: vec![label],
         data_valid: vec![int_tensor(&values(c, samples, Field::Valid, &firsts)?)],

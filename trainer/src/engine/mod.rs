@@ -558,11 +558,7 @@ fn train_step(task: &mut Task, hooks: &mut [Box<dyn Hook>], batch: &Batch) -> Re
     task.iteration += 1;
     task.iteration_in_epoch += 1;
     task.stats.losses.push((task.iteration, task.last_loss));
-    task.stats.phase_images += batch
-        .data_idx
-        .first()
-        .map(|t| t.size()[0] as u64)
-        .unwrap_or(0);
+    task.stats.phase_images += batch.num_samples as u64;
     Ok(())
 }
 
