@@ -9,6 +9,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh
 VISSL := ./target/release/vissl
 QUICKSTART_CONFIG ?= pretrain/simclr/quick_cpu_fmnist
+QUICKSTART_KNN_CONFIG ?= benchmark/nearest_neighbor/quick_cpu_fmnist_knn
 CORPUS_DIR ?= data/bench_corpus
 BENCH_PIPELINES ?= simclr swav
 BENCH_ARGS ?=
@@ -36,10 +37,13 @@ build: setup
 	$(ENV)
 	cargo build --release --bin vissl
 
+# A fresh run each time: the previous quickstart checkpoints are removed first (the trainer itself would
+# resume from them and, being finished, do nothing).
 quickstart: build
 	$(ENV)
+	rm -rf checkpoints/quick_cpu_fmnist checkpoints/quick_cpu_fmnist_knn
 	$(VISSL) train config=$(QUICKSTART_CONFIG)
-	$(VISSL) benchmark knn config=$(QUICKSTART_CONFIG)
+	$(VISSL) benchmark knn config=$(QUICKSTART_KNN_CONFIG) --baselines
 
 # Release profile: the numeric tests are slow unoptimised, and it reuses the target that `make build` warmed.
 test: setup test-scripts

@@ -23,14 +23,21 @@ fn config(dir: &Path, extra: &[&str]) -> Config {
 }
 
 fn run(config: Config, stop_after: Option<u64>) -> RunSummary {
-    Trainer::new(config, RunOptions { stop_after_iterations: stop_after })
-        .expect("trainer builds")
-        .train()
-        .expect("training runs")
+    Trainer::new(
+        config,
+        RunOptions {
+            stop_after_iterations: stop_after,
+        },
+    )
+    .expect("trainer builds")
+    .train()
+    .expect("training runs")
 }
 
 fn final_model(dir: &Path) -> Vec<(String, Tensor)> {
-    let ckpt = checkpoint::latest(dir).unwrap().expect("a checkpoint exists");
+    let ckpt = checkpoint::latest(dir)
+        .unwrap()
+        .expect("a checkpoint exists");
     let mut tensors = ckpt.tensors("model").unwrap();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     tensors
@@ -61,8 +68,14 @@ fn resumed_runs_equal_a_straight_run_bitwise() {
     assert_eq!(third.iterations, 12);
 
     let resumed: Vec<(u64, f64)> = [first.losses, second.losses, third.losses].concat();
-    assert_eq!(resumed, straight.losses, "per-iteration losses must match bitwise");
-    assert_bitwise_equal(&final_model(straight_dir.path()), &final_model(resumed_dir.path()));
+    assert_eq!(
+        resumed, straight.losses,
+        "per-iteration losses must match bitwise"
+    );
+    assert_bitwise_equal(
+        &final_model(straight_dir.path()),
+        &final_model(resumed_dir.path()),
+    );
 }
 
 #[test]
@@ -72,7 +85,10 @@ fn loss_falls_and_checkpoints_are_written_per_epoch() {
     let mean = |s: &[(u64, f64)]| s.iter().map(|(_, l)| l).sum::<f64>() / s.len() as f64;
     let first = mean(&summary.losses[..6]);
     let last = mean(&summary.losses[summary.losses.len() - 6..]);
-    assert!(last < first - 0.05, "loss did not fall: first epoch {first:.4}, last epoch {last:.4}");
+    assert!(
+        last < first - 0.05,
+        "loss did not fall: first epoch {first:.4}, last epoch {last:.4}"
+    );
     // CHECKPOINT_FREQUENCY 1: one verified checkpoint per epoch, the newest at the last iteration.
     let folders = checkpoint::list(dir.path()).unwrap();
     assert_eq!(folders.len(), 4);
@@ -86,7 +102,10 @@ fn a_damaged_newest_checkpoint_is_skipped_on_resume() {
     run(config(dir.path(), &[]), Some(6));
     run(config(dir.path(), &[]), Some(9));
     // Corrupt the newest checkpoint (iteration 9): resume must fall back to iteration 6 and redo 7..12.
-    let newest = dir.path().join(checkpoint::folder_name(9)).join("model.safetensors");
+    let newest = dir
+        .path()
+        .join(checkpoint::folder_name(9))
+        .join("model.safetensors");
     let mut bytes = std::fs::read(&newest).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
@@ -108,7 +127,13 @@ fn a_nan_loss_stops_the_run_naming_the_iteration() {
             "config.OPTIMIZER.param_schedulers.lr.schedulers.1.start_value=1e30",
         ],
     );
-    let err = Trainer::new(cfg, RunOptions::default()).unwrap().train().unwrap_err();
+    let err = Trainer::new(cfg, RunOptions::default())
+        .unwrap()
+        .train()
+        .unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("at iteration") && msg.contains("CHECK_NAN"), "{msg}");
+    assert!(
+        msg.contains("at iteration") && msg.contains("CHECK_NAN"),
+        "{msg}"
+    );
 }

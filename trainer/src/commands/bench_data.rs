@@ -169,7 +169,10 @@ fn run_reference(args: &Args, resolved_config: &Path, workers: usize) -> Result<
 /// Run the benchmark and print both numbers and their ratio.
 pub fn run(args: &Args) -> Result<()> {
     let config = super::load_config(&args.overrides)?;
-    let workers = args.workers.unwrap_or(config.data.num_dataloader_workers).max(1);
+    let workers = args
+        .workers
+        .unwrap_or(config.data.num_dataloader_workers)
+        .max(1);
     let ours = measure_ours(&config, workers, args.seconds)?;
     let (reference, ratio) = if args.no_reference {
         (None, None)
@@ -177,10 +180,18 @@ pub fn run(args: &Args) -> Result<()> {
         let resolved = tempfile::Builder::new().suffix(".yaml").tempfile()?;
         std::fs::write(resolved.path(), config.to_yaml())?;
         let reference = run_reference(args, resolved.path(), workers)?;
-        let theirs = reference.get("images_per_cpu_s").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        let theirs = reference
+            .get("images_per_cpu_s")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(f64::NAN);
         (Some(reference), Some(ours.images_per_cpu_s / theirs))
     };
-    let report = Report { config: args.overrides.join(" "), ours, reference, ratio };
+    let report = Report {
+        config: args.overrides.join(" "),
+        ours,
+        reference,
+        ratio,
+    };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
@@ -191,7 +202,12 @@ pub fn run(args: &Args) -> Result<()> {
         o.images_per_s, o.images_per_cpu_s, o.workers, o.images, o.seconds, o.cpu_seconds
     );
     if let (Some(reference), Some(ratio)) = (&report.reference, report.ratio) {
-        let get = |k: &str| reference.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        let get = |k: &str| {
+            reference
+                .get(k)
+                .and_then(|v| v.as_f64())
+                .unwrap_or(f64::NAN)
+        };
         println!(
             "torchvision: {:7.1} images/s wall, {:7.1} images per CPU-second ({workers} DataLoader worker processes, {:.0} images, {:.1} s, {:.1} CPU-s)",
             get("images_per_s"),

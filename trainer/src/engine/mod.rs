@@ -469,6 +469,14 @@ impl Trainer {
             }
         }
         let mut test_meters = Vec::new();
+        if task.epoch >= task.num_epochs {
+            tracing::info!(
+                iteration = task.iteration,
+                dir = %task.checkpoint_dir.display(),
+                "training already finished (OPTIMIZER.num_epochs reached); nothing to do. Use another \
+                 CHECKPOINT.DIR or raise num_epochs to train further"
+            );
+        }
         call(&mut self.hooks, task, |h, t| h.on_start(t))?;
         tracing::info!(
             epochs = task.num_epochs,
