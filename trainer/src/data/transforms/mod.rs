@@ -18,7 +18,6 @@ mod color;
 mod geometry;
 mod lab;
 mod multi;
-mod npy;
 mod params;
 mod photometric;
 mod resample;

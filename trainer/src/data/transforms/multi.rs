@@ -17,8 +17,9 @@ use super::geometry::{check_scale, scale_range, RandomResizedCrop, Size};
 use super::params::{show, Params};
 use super::resample::{crop, Filter, Window};
 use super::{
-    build_map, draw, expect_image, npy, take, transform_error, CopyItem, GroupItems, MapItem, Op,
+    build_map, draw, expect_image, take, transform_error, CopyItem, GroupItems, MapItem, Op,
 };
+use crate::data::sources::npy;
 use crate::data::{ChwTensor, Item, Result, Sample};
 
 /// ImgReplicatePil: `num_times` copies of the entry.
@@ -249,7 +250,13 @@ impl ShuffleImgPatches {
         let err = |reason: String| {
             transform_error("ShuffleImgPatches", format!("perm_file {path}: {reason}"))
         };
-        let arr = npy::read(Path::new(path))?;
+        let arr = npy::read_npy(Path::new(path)).map_err(|e| err(e.to_string()))?;
+        let values = match arr.data {
+            npy::NpyData::Ints(v) => v,
+            npy::NpyData::Strings(_) => {
+                return Err(err("expected an integer array, found strings".into()))
+            }
+        };
         let [rows, k] = arr.shape[..] else {
             return Err(err(format!(
                 "expected a 2-D array (permutations x patches), found shape {:?}",
@@ -259,16 +266,14 @@ impl ShuffleImgPatches {
         if rows == 0 || k == 0 {
             return Err(err("the permutation table is empty".into()));
         }
-        if arr.values.iter().any(|v| v.fract() != 0.0 || *v < 0.0) {
+        if values.iter().any(|v| *v < 0) {
             return Err(err("permutations must hold non-negative integers".into()));
         }
         // VISSL accepts 1-based tables and shifts them.
-        let one_based = arr.values.iter().copied().fold(f64::INFINITY, f64::min) == 1.0;
-        let shift = if one_based { 1 } else { 0 };
-        let perms: Vec<Vec<usize>> = arr
-            .values
+        let shift = i64::from(values.iter().copied().min() == Some(1));
+        let perms: Vec<Vec<usize>> = values
             .chunks_exact(k)
-            .map(|row| row.iter().map(|&v| v as usize - shift).collect())
+            .map(|row| row.iter().map(|&v| (v - shift) as usize).collect())
             .collect();
         for (i, perm) in perms.iter().enumerate() {
             let mut seen = vec![false; k];
