@@ -105,6 +105,12 @@ fn train_then_extract_then_knn_with_baselines() {
         results.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
+    // Every trunk tensor of the kNN model came from the training checkpoint.
+    assert!(
+        text(&out).contains("missing 0") && !text(&out).contains("loaded 0"),
+        "{}",
+        text(&out)
+    );
     let rows: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
     let kinds: Vec<&str> = rows

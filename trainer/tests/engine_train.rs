@@ -137,3 +137,28 @@ fn a_nan_loss_stops_the_run_naming_the_iteration() {
         "{msg}"
     );
 }
+
+#[test]
+fn supervised_training_reports_test_accuracy_above_chance() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        &LoadOptions::default(),
+        &[
+            "config=test/integration_test/quick_supervised_fmnist".to_string(),
+            format!("config.CHECKPOINT.DIR={}", dir.path().display()),
+        ],
+    )
+    .unwrap();
+    let summary = run(cfg, None);
+    let reading = summary
+        .test_meters
+        .first()
+        .expect("accuracy_list_meter ran in the test phase");
+    let (k, top1) = reading.topk[0];
+    assert_eq!(k, 1);
+    // Ten classes: chance is 10%. Two short epochs on 1,024 images reach well above it.
+    assert!(top1 > 25.0, "test top-1 {top1:.1}%");
+    let (k5, top5) = reading.topk[1];
+    assert_eq!(k5, 5);
+    assert!(top5 >= top1);
+}

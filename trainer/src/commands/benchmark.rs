@@ -139,19 +139,18 @@ pub fn knn(args: &KnnArgs) -> Result<()> {
     let layer = extract::Layer::parse(&layer_name);
     let mut rows = Vec::new();
     if !args.random_init {
-        let (vs, model) = engine::build_model(&config, device)?;
+        let (_vs, model) = engine::build_model(&config, device)?;
         let source = if config.model.weights_init.params_file.is_empty() {
             PathBuf::from(&config.checkpoint.dir)
         } else {
             PathBuf::from(&config.model.weights_init.params_file)
         };
-        let from = engine::load_model_weights(&vs, &source).with_context(|| {
+        engine::init_model_weights(&model, &source).with_context(|| {
             format!(
                 "loading trained weights from {} (set config.MODEL.WEIGHTS_INIT.PARAMS_FILE, or pass --random-init)",
                 source.display()
             )
         })?;
-        tracing::info!(from = %from.display(), "weights loaded");
         rows.extend(evaluate(
             &config,
             &splits,

@@ -40,12 +40,7 @@ pub fn run(args: &Args) -> Result<()> {
 
 fn extract_features(config: vissl_crds::config::Config) -> Result<()> {
     let device = engine::select_device(&config)?;
-    let (vs, model) = engine::build_model(&config, device)?;
-    let weights = &config.model.weights_init.params_file;
-    if !weights.is_empty() {
-        let from = engine::load_model_weights(&vs, &PathBuf::from(weights))?;
-        tracing::info!(from = %from.display(), "weights loaded");
-    }
+    let (_vs, model) = engine::build_initialised_model(&config, device)?;
     let out_dir = if config.extract_features.output_dir.is_empty() {
         PathBuf::from(&config.checkpoint.dir)
     } else {

@@ -146,11 +146,24 @@ pub fn raw_group<'a>(config: &'a Config, group: &str) -> Result<&'a serde_yaml::
         .ok_or_else(|| anyhow!("resolved config has no `{group}` group"))
 }
 
-/// Build the model of `config` on `device` (weights initialised from MODEL.WEIGHTS_INIT when set).
+/// Build the model of `config` on `device`, randomly initialised from the global seed.
 pub fn build_model(config: &Config, device: Device) -> Result<(nn::VarStore, BaseSslModel)> {
     let params = ModelParams::from_yaml(raw_group(config, "MODEL")?).context("MODEL")?;
     let vs = nn::VarStore::new(device);
     let model = BaseSslModel::new(&vs, &params).context("building the model")?;
+    Ok((vs, model))
+}
+
+/// [`build_model`], then MODEL.WEIGHTS_INIT.PARAMS_FILE when it is set.
+pub fn build_initialised_model(
+    config: &Config,
+    device: Device,
+) -> Result<(nn::VarStore, BaseSslModel)> {
+    let (vs, model) = build_model(config, device)?;
+    let source = &config.model.weights_init.params_file;
+    if !source.is_empty() {
+        init_model_weights(&model, Path::new(source))?;
+    }
     Ok((vs, model))
 }
 
@@ -166,7 +179,7 @@ impl Task {
     pub fn new(config: Config) -> Result<Self> {
         tch::manual_seed(config.seed_value as i64);
         let device = select_device(&config)?;
-        let (vs, model) = build_model(&config, device)?;
+        let (vs, model) = build_initialised_model(&config, device)?;
         let loss = losses::build_loss(raw_group(&config, "LOSS")?, LossContext::single_process())
             .context("LOSS")?;
         let opt_params =
@@ -623,13 +636,10 @@ fn run_test_phase(
     Ok(readings)
 }
 
-/// Where a model's weights come from for evaluation: a checkpoint folder, a CHECKPOINT.DIR (its newest
-/// verified checkpoint), or a `.safetensors` file of model tensors.
-pub fn load_model_weights(vs: &nn::VarStore, source: &Path) -> Result<PathBuf> {
+/// The safetensors file behind a weights source: the file itself, a checkpoint folder's model file, or the
+/// model file of the newest verified checkpoint under a CHECKPOINT.DIR.
+pub fn resolve_weights_file(source: &Path) -> Result<PathBuf> {
     if source.is_file() {
-        let named = Tensor::read_safetensors(source)
-            .with_context(|| format!("reading {}", source.display()))?;
-        copy_into_varstore(vs, &named)?;
         return Ok(source.to_path_buf());
     }
     let ckpt = if source.join(checkpoint::MANIFEST).exists() {
@@ -638,6 +648,17 @@ pub fn load_model_weights(vs: &nn::VarStore, source: &Path) -> Result<PathBuf> {
         checkpoint::latest(source)?
             .ok_or_else(|| anyhow!("no verified checkpoint under {}", source.display()))?
     };
-    copy_into_varstore(vs, &ckpt.tensors("model")?)?;
-    Ok(ckpt.folder)
+    Ok(ckpt.folder.join("model.safetensors"))
+}
+
+/// Initialise `model` from `source` (see [`resolve_weights_file`]) with MODEL.WEIGHTS_INIT's rules
+/// (STATE_DICT_KEY_NAME, SKIP_LAYERS, prefixes; heads only where FEATURE_EVAL_SETTINGS says so).
+pub fn init_model_weights(model: &BaseSslModel, source: &Path) -> Result<PathBuf> {
+    let file = resolve_weights_file(source)?;
+    let mut init = model.params().weights_init.clone();
+    init.params_file = file.display().to_string();
+    model
+        .init_from_weights(Some(&init), false)
+        .with_context(|| format!("loading weights from {}", file.display()))?;
+    Ok(file)
 }
