@@ -4,6 +4,7 @@ pub mod benchmarks;
 pub mod checkpoint;
 pub mod commands;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod logging;
 pub mod losses;

@@ -66,6 +66,9 @@ enum ConfigCommand {
 enum BenchCommand {
     /// Images/s of the configured DATA.TRAIN pipeline, beside a torchvision+PIL reference run.
     Data(commands::bench_data::Args),
+    /// Training images/s of 1 rank x 2 threads against 2 ranks x 1 thread at the same global batch,
+    /// with the time split into compute, all-reduce and data wait.
+    Dist(vissl_trainer::dist::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -78,6 +81,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(args) => commands::train::run(&args),
         Command::Benchmark(BenchmarkCommand::Knn(args)) => commands::benchmark::knn(&args),
         Command::Bench(BenchCommand::Data(args)) => commands::bench_data::run(&args),
+        Command::Bench(BenchCommand::Dist(args)) => vissl_trainer::dist::bench::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -27,6 +27,7 @@ fn run(config: Config, stop_after: Option<u64>) -> RunSummary {
         config,
         RunOptions {
             stop_after_iterations: stop_after,
+            ..RunOptions::default()
         },
     )
     .expect("trainer builds")

@@ -88,6 +88,9 @@ impl LogLossLrEtaHook {
 impl Hook for LogLossLrEtaHook {
     fn on_step(&mut self, task: &mut Task) -> Result<()> {
         self.steps_this_run += 1;
+        if !task.is_primary() {
+            return Ok(());
+        }
         let stats = &task.stats;
         let phase_secs = stats.phase_started.elapsed().as_secs_f64().max(1e-9);
         let run_secs = stats.run_started.elapsed().as_secs_f64().max(1e-9);
@@ -108,7 +111,7 @@ impl Hook for LogLossLrEtaHook {
     }
 
     fn on_phase_end(&mut self, task: &mut Task) -> Result<()> {
-        if task.phase == Phase::Train {
+        if task.phase == Phase::Train && task.is_primary() {
             self.progress.finish();
             let stats = &task.stats;
             tracing::info!(

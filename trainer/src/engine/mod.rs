@@ -9,6 +9,7 @@ pub mod progress;
 
 use crate::checkpoint::{self, Position, TensorGroup};
 use crate::data::{collators::Batch, SplitPipeline};
+use crate::dist::{resume::RunLayout, DataParallel, Session};
 use crate::losses::{self, Loss, LossContext};
 use crate::models::{BaseSslModel, ModelParams};
 use crate::optim::{NamedParam, Optimizer, OptimizerParams};
@@ -44,6 +45,8 @@ pub struct RunOptions {
     /// Stop (after checkpointing) once this many iterations are done: a planned preemption, for testing
     /// resume and for time-boxed runs.
     pub stop_after_iterations: Option<u64>,
+    /// This process's rank in a multi-process run (None: a single process).
+    pub distributed: Option<Session>,
 }
 
 /// What a finished run reports.
@@ -89,6 +92,8 @@ pub struct Task {
     pub stop_requested: bool,
     /// Counters the logging hooks read.
     pub stats: RunStats,
+    /// The distributed run this task is one rank of (None: a single process).
+    pub session: Option<Session>,
 }
 
 /// Timing and throughput counters of the running phase.
@@ -177,11 +182,25 @@ fn phase_loaders_input(batch: &Batch) -> Result<&Tensor> {
 impl Task {
     /// Build the task from a resolved config (model initialised from SEED_VALUE).
     pub fn new(config: Config) -> Result<Self> {
+        Self::with_session(config, None)
+    }
+
+    /// Build the task of one rank of a distributed run (`None`: a single process).
+    pub fn with_session(config: Config, session: Option<Session>) -> Result<Self> {
         tch::manual_seed(config.seed_value as i64);
-        let device = select_device(&config)?;
+        let device = match (select_device(&config)?, &session) {
+            // Each rank of a node drives its own GPU.
+            (Device::Cuda(_), Some(s)) => Device::Cuda(s.env().local_rank),
+            (device, _) => device,
+        };
+        if let Some(session) = &session {
+            session.install_sync_bn(&config)?;
+        }
         let (vs, model) = build_initialised_model(&config, device)?;
-        let loss = losses::build_loss(raw_group(&config, "LOSS")?, LossContext::single_process())
-            .context("LOSS")?;
+        let loss_context = session
+            .as_ref()
+            .map_or_else(LossContext::single_process, Session::loss_context);
+        let loss = losses::build_loss(raw_group(&config, "LOSS")?, loss_context).context("LOSS")?;
         let opt_params =
             OptimizerParams::from_yaml(raw_group(&config, "OPTIMIZER")?).context("OPTIMIZER")?;
         let optimizer = Optimizer::new(
@@ -199,8 +218,9 @@ impl Task {
             config.optimizer.num_epochs,
         )?;
         let catalog = default_configs_root().join("dataset_catalog.json");
-        let world = config.distributed.num_nodes * config.distributed.num_proc_per_node;
-        let (world, rank) = (world.max(1), 0);
+        let (world, rank) = session
+            .as_ref()
+            .map_or((1, 0), |s| (s.world_size(), s.rank()));
         let train_data = SplitPipeline::from_config(
             "TRAIN",
             &config.data.train,
@@ -270,6 +290,7 @@ impl Task {
             last_checkpoint: None,
             stop_requested: false,
             stats: RunStats::new(),
+            session,
             config,
         })
     }
@@ -331,8 +352,23 @@ impl Task {
         groups
     }
 
-    /// Write a checkpoint of the current position and apply retention.
-    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+    /// How this run splits its data over processes (recorded in checkpoints).
+    pub fn layout(&self) -> RunLayout {
+        let world = self.session.as_ref().map_or(1, Session::world_size);
+        RunLayout::of(&self.config, world, self.iterations_per_epoch)
+    }
+
+    /// Rank 0 of a distributed run, or the only process: the one that logs, checkpoints and serves metrics.
+    pub fn is_primary(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.is_primary())
+    }
+
+    /// Write a checkpoint of the current position and apply retention (rank 0 only; other ranks
+    /// hold the same state).
+    pub fn save_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        if !self.is_primary() {
+            return Ok(None);
+        }
         let started = Instant::now();
         let position = Position {
             iteration: self.iteration,
@@ -345,7 +381,7 @@ impl Task {
             self.config.seed_value,
             &self.config.hash(),
             &self.checkpoint_groups(),
-            serde_json::Value::Null,
+            self.layout().to_extra(),
         )?;
         let keep = self.config.checkpoint.keep_last_k;
         if keep > 0 {
@@ -353,7 +389,7 @@ impl Task {
         }
         tracing::info!(folder = %folder.display(), seconds = started.elapsed().as_secs_f64(), "checkpoint saved");
         self.last_checkpoint = Some(folder.clone());
-        Ok(folder)
+        Ok(Some(folder))
     }
 
     /// Restore model, optimizer, loss state and position from a verified checkpoint.
@@ -377,7 +413,13 @@ impl Task {
         {
             self.loss.load_state(&ckpt.tensors("loss")?)?;
         }
-        let p = &ckpt.manifest.position;
+        let saved_layout = RunLayout::from_extra(&ckpt.manifest.extra);
+        let p = &crate::dist::resume::resume_position(
+            &self.layout(),
+            saved_layout.as_ref(),
+            &ckpt.manifest.position,
+        )
+        .with_context(|| format!("resuming from {}", ckpt.folder.display()))?;
         self.iteration = p.iteration;
         self.epoch = p.epoch;
         self.iteration_in_epoch = p.iteration_in_epoch;
@@ -454,13 +496,16 @@ impl Trainer {
     pub fn new(config: Config, options: RunOptions) -> Result<Self> {
         let check_nan = config.hooks.check_nan;
         let log_frequency = config.log_frequency as u64;
-        let task = Task::new(config)?;
+        let task = Task::with_session(config, options.distributed.clone())?;
         let mut hooks: Vec<Box<dyn Hook>> = Vec::new();
         if check_nan {
             hooks.push(Box::new(CheckNanHook));
         }
         hooks.push(Box::new(LogLossLrEtaHook::new(log_frequency)));
         hooks.push(Box::new(CheckpointHook));
+        if let Some(session) = &options.distributed {
+            hooks.push(Box::new(DataParallel::new(&task, session)?));
+        }
         Ok(Self {
             task,
             hooks,
@@ -572,7 +617,8 @@ fn train_step(task: &mut Task, hooks: &mut [Box<dyn Hook>], batch: &Batch) -> Re
     task.last_loss = loss.double_value(&[]);
     call(hooks, task, |h, t| h.on_loss_and_meter(t))?;
     task.optimizer.zero_grad();
-    loss.backward();
+    // A collective inside backward (gathered negatives, SyncBN, DDP buckets) can fail.
+    loss.f_backward().context("backward pass")?;
     call(hooks, task, |h, t| h.on_backward(t))?;
     task.optimizer.step(task.lr, task.lr_head)?;
     call(hooks, task, |h, t| h.on_update(t))?;

@@ -95,7 +95,8 @@ pub struct LinearEvalMlp {
     layer: String,
     in_channels: i64,
     flat_dim: i64,
-    channel_bn: nn::BatchNorm,
+    // dist-integration: syncable batch norm (SyncBatchNorm when MODEL.SYNC_BN_CONFIG installs a group).
+    channel_bn: crate::dist::sync_bn::BatchNorm,
     clf: Mlp,
 }
 
@@ -111,7 +112,11 @@ impl LinearEvalMlp {
             layer: layer.to_string(),
             in_channels: cfg.in_channels,
             flat_dim: cfg.mlp.dims[0],
-            channel_bn: nn::batch_norm2d(&p / "channel_bn", cfg.in_channels, settings.batch_norm()),
+            channel_bn: crate::dist::sync_bn::batch_norm2d(
+                &p / "channel_bn",
+                cfg.in_channels,
+                settings.batch_norm(),
+            ),
             clf: Mlp::new(&p / "clf", layer, &cfg.mlp, settings)?,
         })
     }

@@ -105,7 +105,8 @@ impl HeadConfig for MlpParams {
 #[derive(Debug)]
 enum MlpLayer {
     Linear(nn::Linear),
-    BatchNorm(nn::BatchNorm),
+    // dist-integration: syncable batch norm (SyncBatchNorm when MODEL.SYNC_BN_CONFIG installs a group).
+    BatchNorm(crate::dist::sync_bn::BatchNorm),
     Relu,
     Dropout,
 }
@@ -138,7 +139,7 @@ impl Mlp {
                 break;
             }
             if cfg.use_bn {
-                layers.push(MlpLayer::BatchNorm(nn::batch_norm1d(
+                layers.push(MlpLayer::BatchNorm(crate::dist::sync_bn::batch_norm1d(
                     &clf / layers.len(),
                     d_out,
                     settings.batch_norm(),

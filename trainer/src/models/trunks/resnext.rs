@@ -12,6 +12,7 @@
 //!   (the later stages double it), to build narrow networks for quick runs.
 
 use super::{deepest_feature, FeatureShape, InputType, Trunk};
+use crate::dist::sync_bn;
 use crate::models::yaml::Block;
 use crate::models::{shape_str, ModelError, Result};
 use tch::nn::{self, Module, ModuleT};
@@ -326,7 +327,8 @@ impl ResNetParams {
 /// A normalisation layer as chosen by `NORM`.
 #[derive(Debug)]
 enum Norm2d {
-    Batch(nn::BatchNorm),
+    // dist-integration: syncable batch norm (SyncBatchNorm when MODEL.SYNC_BN_CONFIG installs a group).
+    Batch(sync_bn::BatchNorm),
     Group(nn::GroupNorm),
 }
 
@@ -335,7 +337,7 @@ impl Norm2d {
     fn new(p: nn::Path, channels: i64, norm: Norm, weight: f64) -> Self {
         let ws_init = nn::Init::Const(weight);
         match norm {
-            Norm::BatchNorm => Norm2d::Batch(nn::batch_norm2d(
+            Norm::BatchNorm => Norm2d::Batch(sync_bn::batch_norm2d(
                 p,
                 channels,
                 nn::BatchNormConfig {
