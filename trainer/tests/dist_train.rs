@@ -396,3 +396,34 @@ fn sigterm_to_the_launcher_stops_its_workers() {
         );
     }
 }
+
+#[test]
+fn test_phase_meters_cover_every_rank_share_of_the_test_split() {
+    let _serial = serial();
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("supervised_two_ranks");
+    let summary = dir.with_extension("json");
+    let out = vissl()
+        .arg("train")
+        .arg("--summary-json")
+        .arg(&summary)
+        .args([
+            "config=test/integration_test/quick_supervised_fmnist".to_string(),
+            format!("config.CHECKPOINT.DIR={}", dir.display()),
+            "config.DISTRIBUTED.NUM_PROC_PER_NODE=2".into(),
+            "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=32".into(),
+            "config.DATA.TRAIN.DATA_LIMIT=256".into(),
+            "config.OPTIMIZER.num_epochs=1".into(),
+        ])
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("running vissl train");
+    assert_success("2-rank supervised run", &out);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).expect("summary")).expect("json");
+    let meter = &json["test_meters"][0];
+    // Each rank evaluates half of the 512 test images; rank 0 reports the sum over both ranks.
+    assert_eq!(meter["samples"].as_f64(), Some(512.0), "{json}");
+    let top1 = meter["topk"][0][1].as_f64().expect("top-1");
+    assert!((0.0..=100.0).contains(&top1));
+}

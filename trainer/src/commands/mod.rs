@@ -7,13 +7,10 @@ pub mod list;
 pub mod train;
 
 use anyhow::Result;
-use vissl_crds::config::{self as cfg, Config, LoadOptions};
+use vissl_crds::config::Config;
 
-/// Load and resolve a config from command-line overrides, with `configs/` found as the trainer image ships it.
+/// Load and resolve a config from command-line overrides as `vissl train` does (`configs/` as the trainer
+/// image ships it, the world of the pod contract's environment when set), so `config show` prints what runs.
 pub fn load_config(args: &[String]) -> Result<Config> {
-    let opts = LoadOptions {
-        configs_root: cfg::default_configs_root(),
-        world: None,
-    };
-    Ok(cfg::load(&opts, args)?)
+    crate::dist::launcher::load_config(args)
 }

@@ -22,6 +22,8 @@ pub struct AccuracyListMeter {
 pub struct AccuracyReading {
     pub name: String,
     pub topk: Vec<(i64, f64)>,
+    /// Samples the accuracies are over.
+    pub samples: f64,
 }
 
 impl AccuracyListMeter {
@@ -71,8 +73,31 @@ impl AccuracyListMeter {
                     .zip(&self.correct[i])
                     .map(|(&k, &c)| (k, 100.0 * c / self.total[i].max(1.0)))
                     .collect(),
+                samples: self.total[i],
             })
             .collect()
+    }
+
+    /// The meter's counters as one flat vector (hits per output and k, then totals), for summing across ranks.
+    pub fn counts(&self) -> Vec<f64> {
+        self.correct
+            .iter()
+            .flatten()
+            .chain(self.total.iter())
+            .copied()
+            .collect()
+    }
+
+    /// Replace the counters with `counts` (as [`AccuracyListMeter::counts`] lays them out, e.g. summed over ranks).
+    pub fn set_counts(&mut self, counts: &[f64]) {
+        let per_output = self.topk.len();
+        for (i, c) in self.correct.iter_mut().enumerate() {
+            c.copy_from_slice(&counts[i * per_output..(i + 1) * per_output]);
+        }
+        let offset = self.correct.len() * per_output;
+        let outputs = self.total.len();
+        self.total
+            .copy_from_slice(&counts[offset..offset + outputs]);
     }
 
     /// Start a new phase.
@@ -99,6 +124,10 @@ mod tests {
         let reading = &meter.value()[0];
         assert_eq!(reading.topk[0], (1, 100.0 / 3.0));
         assert_eq!(reading.topk[1], (2, 200.0 / 3.0));
+        // Counters round-trip (what the distributed test phase sums across ranks).
+        let mut doubled = AccuracyListMeter::new(vec![1, 2], vec![]);
+        doubled.set_counts(&meter.counts().iter().map(|c| 2.0 * c).collect::<Vec<_>>());
+        assert_eq!(doubled.value(), meter.value());
         meter.reset();
         assert_eq!(meter.value()[0].topk[0].1, 0.0);
     }

@@ -665,8 +665,14 @@ fn run_test_phase(
             }
         }
     }
+    if let (Some(meter), Some(session)) = (task.meter.as_mut(), task.session.as_ref()) {
+        // Every rank saw its own share of the test split: sum the counters so rank 0 reports all of it.
+        let counts = Tensor::from_slice(&meter.counts());
+        session.group().all_reduce_sum_(&counts)?;
+        meter.set_counts(&Vec::<f64>::try_from(&counts)?);
+    }
     let readings = task.meter.as_ref().map(|m| m.value()).unwrap_or_default();
-    for r in &readings {
+    for r in readings.iter().filter(|_| task.is_primary()) {
         let topk: Vec<String> = r
             .topk
             .iter()
@@ -674,8 +680,11 @@ fn run_test_phase(
             .collect();
         tracing::info!(meter = %r.name, "test accuracy: {}", topk.join(" "));
     }
-    if batches > 0 {
-        tracing::info!(loss = loss_sum / batches as f64, "test phase done");
+    if batches > 0 && task.is_primary() {
+        tracing::info!(
+            loss = loss_sum / batches as f64,
+            "test phase done (rank 0's share)"
+        );
     }
     call(hooks, task, |h, t| h.on_phase_end(t))?;
     task.phase = Phase::Train;
