@@ -35,4 +35,10 @@ export VISSL_PYTHON="$VISSL_ROOT/.venv/bin/python"
 # `vissl bench data` runs bench/torchvision_reference.py with this interpreter (created by `scripts/setup --bench`).
 export VISSL_BENCH_PYTHON="$VISSL_ROOT/.venv-bench/bin/python"
 
+# `vissl` by name, as the README writes it, once `make build` has built it.
+case ":$PATH:" in
+    *":$VISSL_ROOT/target/release:"*) ;;
+    *) export PATH="$VISSL_ROOT/target/release:$PATH" ;;
+esac
+
 unset vissl_site_packages vissl_candidate
