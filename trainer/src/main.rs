@@ -12,11 +12,21 @@ struct Overrides {
     args: Vec<String>,
 }
 
+const EXAMPLES: &str = "Examples:
+  vissl train config=pretrain/simclr/quick_cpu_fmnist
+  vissl train config=pretrain/simclr/quick_cpu_fmnist config.DISTRIBUTED.NUM_PROC_PER_NODE=2
+  vissl benchmark knn config=benchmark/nearest_neighbor/quick_cpu_fmnist_knn --baselines
+  vissl config show config=pretrain/simclr/simclr_8node_resnet config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=32
+  vissl list losses
+
+Configs are looked up under $VISSL_CONFIGS, else the configs/ folder shipped beside the binary.";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "vissl",
     version,
-    about = "Self-supervised vision training from VISSL configs, on libtorch"
+    about = "Self-supervised vision training from VISSL configs, on libtorch",
+    after_help = EXAMPLES
 )]
 struct Cli {
     /// Log format: `text` (default) or `json`.
@@ -32,7 +42,7 @@ enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Print every registered name of a kind (losses, trunks, heads, transforms, collators,
-    /// data_sources, meters, schedulers, optimizers).
+    /// data_sources, meters, schedulers, optimizers, hooks).
     List {
         /// The registry kind.
         kind: String,

@@ -172,7 +172,8 @@ pub fn build_initialised_model(
     Ok((vs, model))
 }
 
-fn phase_loaders_input(batch: &Batch) -> Result<&Tensor> {
+/// The single input tensor of a batch (multi-crop batches go through `forward_multi_res` instead).
+fn batch_input(batch: &Batch) -> Result<&Tensor> {
     batch
         .data
         .first()
@@ -447,7 +448,7 @@ impl Task {
             self.model.forward_multi_res(&crops, train)?
         } else {
             self.model
-                .forward_t(&phase_loaders_input(batch)?.to_device(self.device), train)?
+                .forward_t(&batch_input(batch)?.to_device(self.device), train)?
         };
         Ok(outputs)
     }
