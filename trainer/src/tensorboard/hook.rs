@@ -31,6 +31,8 @@ pub struct TensorboardHook {
     batch_size: usize,
     gpu_index: Option<usize>,
     gpu_peak: u64,
+    /// Step of the last histograms written, so a phase end on a LOG_PARAMS_EVERY_N_ITERS step logs once.
+    histograms_at: Option<i64>,
 }
 
 /// `LOG_DIR/EXPERIMENT_LOG_DIR`, where LOG_DIR `.` (the default) means CHECKPOINT.DIR, as VISSL puts
@@ -75,10 +77,15 @@ impl TensorboardHook {
                 _ => None,
             },
             gpu_peak: 0,
+            histograms_at: None,
         })
     }
 
     fn histograms(&mut self, task: &Task, step: i64, params: bool, gradients: bool) {
+        if self.histograms_at == Some(step) {
+            return;
+        }
+        self.histograms_at = Some(step);
         let mut variables: Vec<(String, Tensor)> = task
             .vs
             .variables()
