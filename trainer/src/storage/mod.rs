@@ -154,7 +154,8 @@ impl StorageSettings {
 
 static SETTINGS: RwLock<Option<StorageSettings>> = RwLock::new(None);
 /// Clients per (scheme, bucket), so that reading many objects reuses connections.
-static STORES: Mutex<Option<HashMap<(Scheme, String), Arc<dyn ObjectStore>>>> = Mutex::new(None);
+type StoreCache = HashMap<(Scheme, String), Arc<dyn ObjectStore>>;
+static STORES: Mutex<Option<StoreCache>> = Mutex::new(None);
 
 /// Use `settings` for every store opened from now on (the trainer calls this with the config's STORAGE).
 pub fn configure(settings: StorageSettings) {

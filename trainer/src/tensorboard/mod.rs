@@ -38,7 +38,7 @@ pub fn crc32c(data: &[u8]) -> u32 {
 /// TFRecord's masked CRC: rotated and offset so that CRCs of CRCs do not look like data.
 pub fn masked_crc32c(data: &[u8]) -> u32 {
     let crc = crc32c(data);
-    ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// One TFRecord: u64 length, masked CRC of the length, the payload, masked CRC of the payload.
