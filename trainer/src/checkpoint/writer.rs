@@ -117,6 +117,11 @@ impl CheckpointWriter {
         Some(SaveOutcome { iteration, result })
     }
 
+    /// Whether saves run in the background (CHECKPOINT.SAVE_IN_BACKGROUND).
+    pub fn is_background(&self) -> bool {
+        self.background
+    }
+
     /// Whether a save is running in the background.
     pub fn busy(&self) -> bool {
         self.in_flight.is_some()

@@ -441,8 +441,16 @@ impl Task {
             groups: self.checkpoint_groups(),
             extra: self.layout().to_extra(),
         };
+        let background = self.checkpoints.is_background();
         let (outcomes, _) = self.checkpoints.submit(snapshot);
-        self.stats.checkpoints.last_stall_seconds = started.elapsed().as_secs_f64();
+        let held_up = started.elapsed().as_secs_f64();
+        self.stats.checkpoints.last_stall_seconds = held_up;
+        tracing::info!(
+            iteration = self.iteration,
+            held_up_seconds = held_up,
+            background,
+            "checkpoint taken"
+        );
         for outcome in outcomes {
             self.record_checkpoint(outcome);
         }
