@@ -203,8 +203,15 @@ pub fn names(kind: Kind) -> &'static [&'static str] {
         ],
         Kind::Optimizers => &["sgd", "adamw"],
         // The engine's hooks, switched on by config keys (never named in configs): NaN check
-        // (HOOKS.CHECK_NAN), loss/LR/ETA logging (LOG_FREQUENCY), checkpointing (CHECKPOINT.*).
-        Kind::Hooks => &["check_nan", "log_loss_lr_eta", "checkpoint"],
+        // (HOOKS.CHECK_NAN), loss/LR/ETA logging (LOG_FREQUENCY), checkpointing (CHECKPOINT.*),
+        // Prometheus metrics (HOOKS.PROMETHEUS_SETUP), TensorBoard (HOOKS.TENSORBOARD_SETUP).
+        Kind::Hooks => &[
+            "check_nan",
+            "log_loss_lr_eta",
+            "checkpoint",
+            "prometheus",
+            "tensorboard",
+        ],
     }
 }
 

@@ -8,5 +8,8 @@ pub mod dist;
 pub mod engine;
 pub mod logging;
 pub mod losses;
+pub mod metrics;
 pub mod models;
 pub mod optim;
+pub mod storage;
+pub mod tensorboard;

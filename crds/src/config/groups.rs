@@ -1,4 +1,4 @@
-//! The smaller config groups the trainer reads: HOOKS, METERS, MACHINE, TRAINER, CHECKPOINT,
+//! The smaller config groups the trainer reads: HOOKS, METERS, MACHINE, TRAINER, CHECKPOINT, STORAGE,
 //! DISTRIBUTED, EXTRACT_FEATURES, REPRODUCIBILITY, NEAREST_NEIGHBOR, SVM; and `engine_name`.
 
 use serde::{Deserialize, Serialize};
@@ -40,6 +40,20 @@ pub struct HooksConfig {
     pub model_complexity: ModelComplexityConfig,
     /// TensorBoard event files.
     pub tensorboard_setup: TensorboardSetupConfig,
+    /// Prometheus `/metrics`, `/healthz` and `/status` served by rank 0 (vissl-rs).
+    pub prometheus_setup: PrometheusSetupConfig,
+}
+
+/// `HOOKS.PROMETHEUS_SETUP` (vissl-rs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub struct PrometheusSetupConfig {
+    /// Serve the metrics endpoint from rank 0.
+    pub use_prometheus: bool,
+    /// Address to listen on (`0.0.0.0`: every interface, as a pod needs).
+    pub bind_address: String,
+    /// TCP port; 0 picks a free one (logged at start).
+    pub port: u16,
 }
 
 /// `HOOKS.PERF_STATS`.
@@ -177,6 +191,32 @@ pub struct CheckpointConfig {
     pub use_symlink_checkpoint_for_resume: bool,
     /// Keep the newest K checkpoints; -1: all.
     pub keep_last_k: i64,
+    /// Write and upload checkpoints on a background thread after snapshotting the tensors (vissl-rs).
+    pub save_in_background: bool,
+}
+
+/// `STORAGE` (vissl-rs): how object-store URLs in CHECKPOINT.DIR, DATA_PATHS and the TensorBoard
+/// LOG_DIR are reached. Credentials and endpoints come from the standard environment variables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub struct StorageConfig {
+    /// Retries of one request after a transient error (connection failure, timeout, 5xx).
+    pub max_retries: usize,
+    /// No retry of a request starts later than this after its first attempt.
+    pub retry_timeout_sec: f64,
+    /// First wait between retries; it doubles up to MAX_BACKOFF_SEC.
+    pub initial_backoff_sec: f64,
+    pub max_backoff_sec: f64,
+    /// Attempts of a whole file upload; a failed multipart upload is aborted and started again.
+    pub upload_attempts: usize,
+    pub connect_timeout_sec: f64,
+    pub request_timeout_sec: f64,
+    /// Part size of multipart uploads (at least 5, S3's minimum).
+    pub multipart_part_mb: usize,
+    /// Requests in flight at once per bucket.
+    pub max_concurrent_requests: usize,
+    /// Local copies of data objects; empty: `<temp dir>/vissl-cache`.
+    pub cache_dir: String,
 }
 
 /// `DISTRIBUTED`.

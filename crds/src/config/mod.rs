@@ -29,7 +29,8 @@ pub use data::{DataConfig, DataSplitConfig};
 pub use error::{ConfigError, Origin};
 pub use groups::{
     Backend, CheckpointConfig, Device, DistributedConfig, EngineName, HooksConfig, MachineConfig,
-    MetersConfig, NearestNeighborConfig, SvmConfig, TrainerConfig,
+    MetersConfig, NearestNeighborConfig, PrometheusSetupConfig, StorageConfig, SvmConfig,
+    TensorboardSetupConfig, TrainerConfig,
 };
 pub use infer::World;
 pub use loader::{check, default_configs_root, load, LoadOptions};

@@ -8,8 +8,8 @@ use super::data::DataConfig;
 use super::error::ConfigError;
 use super::groups::{
     CheckpointConfig, DistributedConfig, EngineName, ExtractFeaturesConfig, HooksConfig,
-    MachineConfig, MetersConfig, NearestNeighborConfig, ReproducibilityConfig, SvmConfig,
-    TrainerConfig,
+    MachineConfig, MetersConfig, NearestNeighborConfig, ReproducibilityConfig, StorageConfig,
+    SvmConfig, TrainerConfig,
 };
 use super::loss::LossConfig;
 use super::model::ModelConfig;
@@ -57,6 +57,8 @@ pub struct Config {
     pub trainer: TrainerConfig,
     /// `CHECKPOINT`
     pub checkpoint: CheckpointConfig,
+    /// `STORAGE`
+    pub storage: StorageConfig,
     /// `DISTRIBUTED`
     pub distributed: DistributedConfig,
     /// `NEAREST_NEIGHBOR`
@@ -105,6 +107,7 @@ impl Config {
             extract_features: group(&raw, "EXTRACT_FEATURES")?,
             trainer: group(&raw, "TRAINER")?,
             checkpoint: group(&raw, "CHECKPOINT")?,
+            storage: group(&raw, "STORAGE")?,
             distributed: group(&raw, "DISTRIBUTED")?,
             nearest_neighbor: group(&raw, "NEAREST_NEIGHBOR")?,
             svm: group(&raw, "SVM")?,

@@ -1,15 +1,21 @@
-//! Checkpoints: tensors in safetensors files plus a JSON manifest written last.
+//! Checkpoints: tensors in safetensors files plus a JSON manifest written last, in a local folder or an
+//! object store (`CHECKPOINT.DIR` may be `s3://`, `gs://`, `az://`, `file://` or a path).
 //!
-//! A checkpoint is the folder `<CHECKPOINT.DIR>/checkpoint_iter<NNNNNNNNN>/`. Its files are written under
-//! temporary names and renamed; the manifest, carrying the training position and a SHA-256 per file, is
-//! renamed into place last, so a folder without a manifest is an interrupted save and is never resumed
-//! from. Resume takes the newest checkpoint whose files all verify and skips a damaged one with a warning.
+//! A checkpoint is the folder `<CHECKPOINT.DIR>/checkpoint_iter<NNNNNNNNN>/`. Each file is staged locally
+//! and then made visible whole (a rename on disk, a single or multipart upload to a store); the manifest,
+//! carrying the training position and a SHA-256 per file, is written last, so a folder without a manifest
+//! is an interrupted save and is never resumed from, and a failed upload leaves no manifest behind.
+//! Resume takes the newest checkpoint whose files all verify and skips a damaged one with a warning.
+//! Saving in the background ([`writer::CheckpointWriter`]) keeps training going during the upload.
 
+pub mod writer;
+
+use crate::storage::{self, Location, Storage, StorageError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::fs;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 use tch::Tensor;
 
 /// The manifest's file name inside a checkpoint folder.
@@ -29,6 +35,8 @@ pub enum CheckpointError {
     Invalid { path: String, reason: String },
     #[error("checkpoint {path}: {source}")]
     Torch { path: String, source: tch::TchError },
+    #[error("checkpoint storage: {0}")]
+    Storage(#[from] StorageError),
 }
 
 type Result<T> = std::result::Result<T, CheckpointError>;
@@ -80,11 +88,39 @@ pub struct TensorGroup {
     pub tensors: Vec<(String, Tensor)>,
 }
 
-/// A verified checkpoint on disk.
+/// Everything one checkpoint holds, owned, so that it can be written after training has moved on.
+pub struct Snapshot {
+    pub position: Position,
+    pub seed: u64,
+    pub config_hash: String,
+    /// Tensors that nothing else writes to any more (copies taken at the step).
+    pub groups: Vec<TensorGroup>,
+    pub extra: serde_json::Value,
+}
+
+/// What a completed save wrote and how long it took.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SaveReport {
+    pub folder: Location,
+    pub iteration: u64,
+    /// Bytes of the tensor files and the manifest.
+    pub bytes: u64,
+    /// Serialising and hashing the tensors.
+    pub write_seconds: f64,
+    /// Making the files visible: renames on disk, uploads to an object store, and the manifest.
+    pub upload_seconds: f64,
+}
+
+/// A verified checkpoint; its files can be read from `folder`.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
+    /// A local folder holding the verified files: the checkpoint folder itself, or for an object store a
+    /// local copy made while verifying (kept as long as this value).
     pub folder: PathBuf,
+    /// Where the checkpoint lives.
+    pub location: Location,
     pub manifest: Manifest,
+    _download: Option<Arc<tempfile::TempDir>>,
 }
 
 impl Checkpoint {
@@ -98,7 +134,7 @@ impl Checkpoint {
             .any(|f| f.name == format!("{group}.safetensors"))
         {
             return Err(CheckpointError::Invalid {
-                path: self.folder.display().to_string(),
+                path: self.location.to_string(),
                 reason: format!("has no tensor group `{group}`"),
             });
         }
@@ -109,8 +145,227 @@ impl Checkpoint {
     }
 }
 
+fn hex(digest: impl AsRef<[u8]>) -> String {
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The folder name of the checkpoint at `iteration`.
+pub fn folder_name(iteration: u64) -> String {
+    format!("{FOLDER_PREFIX}{iteration:09}")
+}
+
+fn folder_iteration(name: &str) -> Option<u64> {
+    name.strip_prefix(FOLDER_PREFIX)?.parse().ok()
+}
+
+/// A CHECKPOINT.DIR: where checkpoints are saved, listed, verified and pruned.
+#[derive(Debug, Clone)]
+pub struct CheckpointDir {
+    storage: Storage,
+}
+
+impl CheckpointDir {
+    /// Open a checkpoint folder (local or object store); nothing is read or created yet.
+    pub fn open(location: &Location) -> Result<Self> {
+        Ok(Self {
+            storage: Storage::open(location)?,
+        })
+    }
+
+    /// Where the checkpoints are.
+    pub fn location(&self) -> &Location {
+        self.storage.location()
+    }
+
+    /// Check once that the store answers and accepts the credentials (a no-op for local folders).
+    pub fn check_access(&self) -> Result<()> {
+        Ok(self.storage.check_access()?)
+    }
+
+    /// Write a checkpoint; it becomes visible to [`CheckpointDir::latest`] only once complete.
+    pub fn save(&self, snapshot: &Snapshot) -> Result<SaveReport> {
+        let iteration = snapshot.position.iteration;
+        let name = folder_name(iteration);
+        let folder = self.storage.child(&name);
+        // A manifest left from an earlier save at the same iteration would vouch for files we are about to replace.
+        folder.delete(MANIFEST)?;
+        let mut files = Vec::with_capacity(snapshot.groups.len());
+        let mut write_seconds = 0.0;
+        let mut upload_seconds = 0.0;
+        for group in &snapshot.groups {
+            let started = Instant::now();
+            let file_name = format!("{}.safetensors", group.name);
+            let staged = folder.stage(&file_name)?;
+            let named: Vec<(&str, &Tensor)> =
+                group.tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            Tensor::write_safetensors(&named, staged.path()).map_err(|source| {
+                CheckpointError::Torch {
+                    path: folder.location().join(&file_name).to_string(),
+                    source,
+                }
+            })?;
+            let (bytes, sha256) = sha256_file(staged.path())?;
+            write_seconds += started.elapsed().as_secs_f64();
+            let started = Instant::now();
+            folder.commit(&file_name, staged)?;
+            upload_seconds += started.elapsed().as_secs_f64();
+            files.push(FileEntry {
+                name: file_name,
+                bytes,
+                sha256,
+            });
+        }
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            position: snapshot.position.clone(),
+            seed: snapshot.seed,
+            config_hash: snapshot.config_hash.clone(),
+            files,
+            extra: snapshot.extra.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Invalid {
+            path: folder.location().join(MANIFEST).to_string(),
+            reason: e.to_string(),
+        })?;
+        let bytes = manifest.files.iter().map(|f| f.bytes).sum::<u64>() + json.len() as u64;
+        let started = Instant::now();
+        folder.put_bytes(MANIFEST, json)?;
+        upload_seconds += started.elapsed().as_secs_f64();
+        Ok(SaveReport {
+            folder: folder.location().clone(),
+            iteration,
+            bytes,
+            write_seconds,
+            upload_seconds,
+        })
+    }
+
+    /// Checkpoint folder names with their iteration, newest first.
+    fn folders(&self) -> Result<Vec<(u64, String)>> {
+        let mut found: Vec<(u64, String)> = self
+            .storage
+            .list_folders()?
+            .into_iter()
+            .filter_map(|name| Some((folder_iteration(&name)?, name)))
+            .collect();
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        Ok(found)
+    }
+
+    /// Checkpoint folders, newest first (by iteration in the name), complete or not.
+    pub fn list(&self) -> Result<Vec<Location>> {
+        Ok(self
+            .folders()?
+            .into_iter()
+            .map(|(_, name)| self.location().join(&name))
+            .collect())
+    }
+
+    /// Read the manifest of checkpoint folder `name` and verify every file it lists (object-store files
+    /// are downloaded to a temporary folder on the way).
+    pub fn verify(&self, name: &str) -> Result<Checkpoint> {
+        let folder = self.storage.child(name);
+        let manifest_location = folder.location().join(MANIFEST);
+        let raw = folder.get_bytes(MANIFEST)?;
+        let manifest: Manifest =
+            serde_json::from_slice(&raw).map_err(|e| CheckpointError::Invalid {
+                path: manifest_location.to_string(),
+                reason: format!("unreadable manifest: {e}"),
+            })?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(CheckpointError::Invalid {
+                path: manifest_location.to_string(),
+                reason: format!(
+                    "format version {} (this build reads {FORMAT_VERSION})",
+                    manifest.format_version
+                ),
+            });
+        }
+        let (local, download) = match folder.location().local_path() {
+            Some(path) => (path.to_path_buf(), None),
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("vissl-checkpoint-")
+                    .tempdir()
+                    .map_err(io_err(&std::env::temp_dir()))?;
+                (dir.path().to_path_buf(), Some(Arc::new(dir)))
+            }
+        };
+        for entry in &manifest.files {
+            let mut hasher = Sha256::new();
+            let bytes = match &download {
+                None => folder.read_stream(&entry.name, &mut |chunk| {
+                    hasher.update(chunk);
+                    Ok(())
+                })?,
+                Some(_) => storage::download_with(
+                    &folder,
+                    &entry.name,
+                    &local.join(&entry.name),
+                    &mut |chunk| hasher.update(chunk),
+                )?,
+            };
+            let sha256 = hex(hasher.finalize());
+            if bytes != entry.bytes || sha256 != entry.sha256 {
+                return Err(CheckpointError::Invalid {
+                    path: folder.location().join(&entry.name).to_string(),
+                    reason: format!(
+                        "checksum mismatch (manifest: {} bytes sha256 {}, file: {bytes} bytes sha256 {sha256})",
+                        entry.bytes, entry.sha256
+                    ),
+                });
+            }
+        }
+        Ok(Checkpoint {
+            folder: local,
+            location: folder.location().clone(),
+            manifest,
+            _download: download,
+        })
+    }
+
+    /// The newest complete checkpoint whose files verify; damaged or partial ones are skipped with a warning.
+    pub fn latest(&self) -> Result<Option<Checkpoint>> {
+        for (_, name) in self.folders()? {
+            let location = self.location().join(&name);
+            if !self.storage.child(&name).exists(MANIFEST)? {
+                tracing::warn!(folder = %location, "skipping checkpoint without manifest (interrupted save)");
+                continue;
+            }
+            match self.verify(&name) {
+                Ok(ckpt) => return Ok(Some(ckpt)),
+                Err(err) => tracing::warn!("skipping damaged checkpoint {location}: {err}"),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Keep the newest `keep` complete checkpoints and delete older ones (never the newest complete one);
+    /// folders without a manifest are left alone, as a save may be writing them.
+    pub fn retain(&self, keep: usize) -> Result<Vec<Location>> {
+        let keep = keep.max(1);
+        let mut complete = 0usize;
+        let mut removed = Vec::new();
+        for (_, name) in self.folders()? {
+            let folder = self.storage.child(&name);
+            if !folder.exists(MANIFEST)? {
+                continue;
+            }
+            complete += 1;
+            if complete > keep {
+                // The manifest goes first, so a deletion cut short leaves an ignored folder, not a damaged one.
+                folder.delete(MANIFEST)?;
+                self.storage.delete_folder(&name)?;
+                removed.push(folder.location().clone());
+            }
+        }
+        Ok(removed)
+    }
+}
+
 fn sha256_file(path: &Path) -> Result<(u64, String)> {
-    let mut file = fs::File::open(path).map_err(io_err(path))?;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
@@ -122,26 +377,25 @@ fn sha256_file(path: &Path) -> Result<(u64, String)> {
         hasher.update(&buf[..n]);
         total += n as u64;
     }
-    let hex = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((total, hex))
+    Ok((total, hex(hasher.finalize())))
 }
 
-fn sync_file(path: &Path) -> Result<()> {
-    fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(path))
+fn local_dir(dir: &Path) -> Result<CheckpointDir> {
+    CheckpointDir::open(&Location::Local(dir.to_path_buf()))
 }
 
-/// The folder name of the checkpoint at `iteration`.
-pub fn folder_name(iteration: u64) -> String {
-    format!("{FOLDER_PREFIX}{iteration:09}")
+/// The checkpoint folder's parent and name, for the path-based functions.
+fn split_folder(folder: &Path) -> Result<(&Path, String)> {
+    match (folder.parent(), folder.file_name()) {
+        (Some(parent), Some(name)) => Ok((parent, name.to_string_lossy().into_owned())),
+        _ => Err(CheckpointError::Invalid {
+            path: folder.display().to_string(),
+            reason: "is not a checkpoint folder".into(),
+        }),
+    }
 }
 
-/// Save a checkpoint under `dir`; returns its folder. Visible to [`latest`] only once complete.
+/// Save a checkpoint under the local folder `dir`; returns its folder. Visible to [`latest`] only once complete.
 pub fn save(
     dir: &Path,
     position: Position,
@@ -150,143 +404,54 @@ pub fn save(
     groups: &[TensorGroup],
     extra: serde_json::Value,
 ) -> Result<PathBuf> {
-    let folder = dir.join(folder_name(position.iteration));
-    fs::create_dir_all(&folder).map_err(io_err(&folder))?;
-    // A manifest left from an earlier save at the same iteration would vouch for files we are about to replace.
-    let manifest_path = folder.join(MANIFEST);
-    if manifest_path.exists() {
-        fs::remove_file(&manifest_path).map_err(io_err(&manifest_path))?;
-    }
-    let mut files = Vec::with_capacity(groups.len());
-    for group in groups {
-        let name = format!("{}.safetensors", group.name);
-        let tmp = folder.join(format!(".{name}.tmp"));
-        let final_path = folder.join(&name);
-        let named: Vec<(&str, &Tensor)> =
-            group.tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        Tensor::write_safetensors(&named, &tmp).map_err(|source| CheckpointError::Torch {
-            path: tmp.display().to_string(),
-            source,
-        })?;
-        sync_file(&tmp)?;
-        fs::rename(&tmp, &final_path).map_err(io_err(&final_path))?;
-        let (bytes, sha256) = sha256_file(&final_path)?;
-        files.push(FileEntry {
-            name,
-            bytes,
-            sha256,
-        });
-    }
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
+    let snapshot = Snapshot {
         position,
         seed,
         config_hash: config_hash.to_string(),
-        files,
+        groups: groups
+            .iter()
+            .map(|g| TensorGroup {
+                name: g.name.clone(),
+                tensors: g
+                    .tensors
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                    .collect(),
+            })
+            .collect(),
         extra,
     };
-    let tmp = folder.join(format!(".{MANIFEST}.tmp"));
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Invalid {
-        path: tmp.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    let mut file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    file.write_all(&json)
-        .and_then(|_| file.sync_all())
-        .map_err(io_err(&tmp))?;
-    fs::rename(&tmp, &manifest_path).map_err(io_err(&manifest_path))?;
-    if let Ok(d) = fs::File::open(&folder) {
-        let _ = d.sync_all();
-    }
-    Ok(folder)
+    let report = local_dir(dir)?.save(&snapshot)?;
+    Ok(dir.join(report.folder.file_name()))
 }
 
-/// Read a checkpoint folder's manifest and verify every file it lists.
+/// Read a local checkpoint folder's manifest and verify every file it lists.
 pub fn verify(folder: &Path) -> Result<Checkpoint> {
-    let manifest_path = folder.join(MANIFEST);
-    let raw = fs::read(&manifest_path).map_err(io_err(&manifest_path))?;
-    let manifest: Manifest =
-        serde_json::from_slice(&raw).map_err(|e| CheckpointError::Invalid {
-            path: manifest_path.display().to_string(),
-            reason: format!("unreadable manifest: {e}"),
-        })?;
-    if manifest.format_version != FORMAT_VERSION {
-        return Err(CheckpointError::Invalid {
-            path: manifest_path.display().to_string(),
-            reason: format!(
-                "format version {} (this build reads {FORMAT_VERSION})",
-                manifest.format_version
-            ),
-        });
-    }
-    for entry in &manifest.files {
-        let path = folder.join(&entry.name);
-        let (bytes, sha256) = sha256_file(&path)?;
-        if bytes != entry.bytes || sha256 != entry.sha256 {
-            return Err(CheckpointError::Invalid {
-                path: path.display().to_string(),
-                reason: format!(
-                    "checksum mismatch (manifest: {} bytes sha256 {}, file: {bytes} bytes sha256 {sha256})",
-                    entry.bytes, entry.sha256
-                ),
-            });
-        }
-    }
-    Ok(Checkpoint {
-        folder: folder.to_path_buf(),
-        manifest,
-    })
+    let (parent, name) = split_folder(folder)?;
+    local_dir(parent)?.verify(&name)
 }
 
-/// Checkpoint folders under `dir`, newest first (by iteration in the name).
+/// Checkpoint folders under the local folder `dir`, newest first (by iteration in the name).
 pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
-    if !dir.exists() {
-        return Ok(Vec::new());
-    }
-    let mut found: Vec<(u64, PathBuf)> = fs::read_dir(dir)
-        .map_err(io_err(dir))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let iter = name.strip_prefix(FOLDER_PREFIX)?.parse::<u64>().ok()?;
-            Some((iter, e.path()))
-        })
-        .collect();
-    found.sort_by_key(|f| std::cmp::Reverse(f.0));
-    Ok(found.into_iter().map(|(_, p)| p).collect())
+    Ok(local_dir(dir)?
+        .folders()?
+        .into_iter()
+        .map(|(_, name)| dir.join(name))
+        .collect())
 }
 
-/// The newest complete checkpoint whose files verify; damaged or partial ones are skipped with a warning.
+/// The newest complete checkpoint under the local folder `dir` whose files verify.
 pub fn latest(dir: &Path) -> Result<Option<Checkpoint>> {
-    for folder in list(dir)? {
-        if !folder.join(MANIFEST).exists() {
-            tracing::warn!(folder = %folder.display(), "skipping checkpoint without manifest (interrupted save)");
-            continue;
-        }
-        match verify(&folder) {
-            Ok(ckpt) => return Ok(Some(ckpt)),
-            Err(err) => tracing::warn!("skipping damaged checkpoint: {err}"),
-        }
-    }
-    Ok(None)
+    local_dir(dir)?.latest()
 }
 
-/// Keep the newest `keep` complete checkpoints and delete older ones (never the newest complete one).
+/// Keep the newest `keep` complete checkpoints under the local folder `dir`; returns the deleted folders.
 pub fn retain(dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
-    let keep = keep.max(1);
-    let mut complete = 0usize;
-    let mut removed = Vec::new();
-    for folder in list(dir)? {
-        if !folder.join(MANIFEST).exists() {
-            continue;
-        }
-        complete += 1;
-        if complete > keep {
-            fs::remove_dir_all(&folder).map_err(io_err(&folder))?;
-            removed.push(folder);
-        }
-    }
-    Ok(removed)
+    Ok(local_dir(dir)?
+        .retain(keep)?
+        .iter()
+        .map(|l| dir.join(l.file_name()))
+        .collect())
 }
 
 #[cfg(test)]
@@ -359,12 +524,12 @@ mod tests {
         .unwrap();
         // Flip one byte of the newest checkpoint's tensor file.
         let file = newer.join("model.safetensors");
-        let mut bytes = fs::read(&file).unwrap();
+        let mut bytes = std::fs::read(&file).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
-        fs::write(&file, bytes).unwrap();
+        std::fs::write(&file, bytes).unwrap();
         // And an even newer folder whose save never finished (no manifest).
-        fs::create_dir_all(dir.path().join(folder_name(3))).unwrap();
+        std::fs::create_dir_all(dir.path().join(folder_name(3))).unwrap();
         let ckpt = latest(dir.path()).unwrap().unwrap();
         assert_eq!(ckpt.manifest.position.iteration, 1);
         assert!(verify(&newer)

@@ -4,7 +4,6 @@
 use super::progress::{Progress, StepStats};
 use super::{Phase, Task};
 use anyhow::Result;
-use std::time::Duration;
 
 /// A hook at VISSL's nine events; every method defaults to doing nothing.
 pub trait Hook {
@@ -66,13 +65,18 @@ impl Hook for CheckNanHook {
 
 /// The hooks the engine installs, by their registry names (`vissl list hooks`).
 pub fn names() -> Vec<&'static str> {
-    vec!["check_nan", "log_loss_lr_eta", "checkpoint"]
+    vec![
+        "check_nan",
+        "log_loss_lr_eta",
+        "checkpoint",
+        "prometheus",
+        "tensorboard",
+    ]
 }
 
 /// Loss, learning rate, images/s and ETA every LOG_FREQUENCY steps (a live bar on a terminal).
 pub struct LogLossLrEtaHook {
     progress: Progress,
-    steps_this_run: u64,
 }
 
 impl LogLossLrEtaHook {
@@ -80,32 +84,27 @@ impl LogLossLrEtaHook {
     pub fn new(log_frequency: u64) -> Self {
         Self {
             progress: Progress::new(log_frequency),
-            steps_this_run: 0,
         }
     }
 }
 
 impl Hook for LogLossLrEtaHook {
     fn on_step(&mut self, task: &mut Task) -> Result<()> {
-        self.steps_this_run += 1;
         if !task.is_primary() {
             return Ok(());
         }
         let stats = &task.stats;
         let phase_secs = stats.phase_started.elapsed().as_secs_f64().max(1e-9);
-        let run_secs = stats.run_started.elapsed().as_secs_f64().max(1e-9);
-        let total = task.total_iterations();
-        let per_step = run_secs / self.steps_this_run as f64;
         self.progress.step(&StepStats {
             iteration: task.iteration,
-            total_iterations: total,
+            total_iterations: task.total_iterations(),
             epoch: task.epoch,
             num_epochs: task.num_epochs,
             loss: task.last_loss,
             lr: task.lr,
-            images_per_s: stats.phase_images as f64 / phase_secs,
+            images_per_s: task.images_per_second(),
             data_wait_fraction: stats.data_wait.as_secs_f64() / phase_secs,
-            eta: Duration::from_secs_f64(total.saturating_sub(task.iteration) as f64 * per_step),
+            eta: task.eta(),
         });
         Ok(())
     }
@@ -117,8 +116,7 @@ impl Hook for LogLossLrEtaHook {
             tracing::info!(
                 epoch = task.epoch + 1,
                 loss = task.last_loss,
-                images_per_s = stats.phase_images as f64
-                    / stats.phase_started.elapsed().as_secs_f64().max(1e-9),
+                images_per_s = task.images_per_second(),
                 data_wait_s = stats.data_wait.as_secs_f64(),
                 "train phase done"
             );
@@ -142,6 +140,7 @@ pub struct CheckpointHook;
 
 impl Hook for CheckpointHook {
     fn on_step(&mut self, task: &mut Task) -> Result<()> {
+        task.poll_checkpoint();
         let epoch_done = task.iteration_in_epoch >= task.iterations_per_epoch;
         if epoch_done {
             // The phase-end checkpoint covers it.
@@ -164,5 +163,10 @@ impl Hook for CheckpointHook {
             task.save_checkpoint()?;
         }
         Ok(())
+    }
+
+    fn on_end(&mut self, task: &mut Task) -> Result<()> {
+        // A run ends only once its last checkpoint is complete (or known to have failed).
+        task.finish_checkpoints()
     }
 }

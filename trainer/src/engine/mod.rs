@@ -7,12 +7,16 @@ pub mod hooks;
 pub mod meters;
 pub mod progress;
 
-use crate::checkpoint::{self, Position, TensorGroup};
+use crate::checkpoint::writer::{CheckpointWriter, SaveOutcome};
+use crate::checkpoint::{self, CheckpointDir, Position, Snapshot, TensorGroup};
 use crate::data::{collators::Batch, SplitPipeline};
 use crate::dist::{resume::RunLayout, DataParallel, Session};
 use crate::losses::{self, Loss, LossContext};
+use crate::metrics::hook::MetricsHook;
 use crate::models::{BaseSslModel, ModelParams};
 use crate::optim::{NamedParam, Optimizer, OptimizerParams};
+use crate::storage::{self, Location, StorageSettings};
+use crate::tensorboard::hook::TensorboardHook;
 use anyhow::{anyhow, bail, Context, Result};
 use hooks::{CheckNanHook, CheckpointHook, Hook, LogLossLrEtaHook};
 use meters::AccuracyListMeter;
@@ -21,6 +25,9 @@ use std::time::{Duration, Instant};
 use tch::{nn, Device, Tensor};
 use vissl_crds::config::schedulers::{ParamScheduler, UpdateInterval};
 use vissl_crds::config::{default_configs_root, Config};
+
+/// Pauses (seconds) between further attempts at a run's final checkpoint when its save failed.
+pub const FINAL_SAVE_RETRY_PAUSES: [u64; 5] = [1, 2, 4, 8, 16];
 
 /// Train or test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +64,7 @@ pub struct RunSummary {
     /// Iterations done in total (including those before a resume).
     pub iterations: u64,
     /// The last checkpoint written, if any.
-    pub last_checkpoint: Option<PathBuf>,
+    pub last_checkpoint: Option<Location>,
     /// Test-phase meter readings of the last test phase.
     pub test_meters: Vec<meters::AccuracyReading>,
 }
@@ -86,8 +93,11 @@ pub struct Task {
     pub last_output: Vec<Tensor>,
     pub last_target: Option<Tensor>,
     pub meter: Option<AccuracyListMeter>,
-    pub checkpoint_dir: PathBuf,
-    pub last_checkpoint: Option<PathBuf>,
+    /// CHECKPOINT.DIR: a local folder or an object-store URL.
+    pub checkpoint_dir: Location,
+    /// The newest checkpoint known to be complete.
+    pub last_checkpoint: Option<Location>,
+    checkpoints: CheckpointWriter,
     /// Set by a hook (or the run options) to end the run after the current step.
     pub stop_requested: bool,
     /// Counters the logging hooks read.
@@ -109,6 +119,26 @@ pub struct RunStats {
     pub data_wait: Duration,
     /// Images replaced after a load failure in the last finished phase.
     pub images_replaced: u64,
+    /// Checkpoint saves and their costs.
+    pub checkpoints: CheckpointStats,
+}
+
+/// What checkpointing cost and where it stands.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckpointStats {
+    /// Iteration of the newest complete checkpoint.
+    pub last_iteration: Option<u64>,
+    /// Time the last save held up training (snapshot, plus waiting for the save before it).
+    pub last_stall_seconds: f64,
+    /// Serialising the last completed checkpoint.
+    pub last_write_seconds: f64,
+    /// Making the last completed checkpoint visible (renames or uploads, and its manifest).
+    pub last_upload_seconds: f64,
+    /// Size of the last completed checkpoint.
+    pub last_bytes: u64,
+    /// Saves completed and failed so far in this process.
+    pub completed: u64,
+    pub failed: u64,
 }
 
 impl RunStats {
@@ -121,6 +151,7 @@ impl RunStats {
             phase_images: 0,
             data_wait: Duration::ZERO,
             images_replaced: 0,
+            checkpoints: CheckpointStats::default(),
         }
     }
 
@@ -189,6 +220,13 @@ impl Task {
     /// Build the task of one rank of a distributed run (`None`: a single process).
     pub fn with_session(config: Config, session: Option<Session>) -> Result<Self> {
         tch::manual_seed(config.seed_value as i64);
+        storage::configure(StorageSettings::from_config(&config.storage));
+        // Before any data is read or step taken: a wrong URL, missing credentials or an unreachable
+        // store fail here, naming CHECKPOINT.DIR.
+        let checkpoint_dir = Location::parse(&config.checkpoint.dir).context("CHECKPOINT.DIR")?;
+        let checkpoint_store = CheckpointDir::open(&checkpoint_dir)
+            .and_then(|dir| dir.check_access().map(|_| dir))
+            .context("CHECKPOINT.DIR")?;
         let device = match (select_device(&config)?, &session) {
             // Each rank of a node drives its own GPU.
             (Device::Cuda(_), Some(s)) => Device::Cuda(s.env().local_rank),
@@ -264,7 +302,12 @@ impl Task {
                     m.meter_names.clone(),
                 )
             });
-        let checkpoint_dir = PathBuf::from(&config.checkpoint.dir);
+        let keep = config.checkpoint.keep_last_k;
+        let checkpoints = CheckpointWriter::new(
+            checkpoint_store,
+            (keep > 0).then_some(keep as usize),
+            config.checkpoint.save_in_background,
+        );
         Ok(Self {
             device,
             vs,
@@ -289,6 +332,7 @@ impl Task {
             meter,
             checkpoint_dir,
             last_checkpoint: None,
+            checkpoints,
             stop_requested: false,
             stats: RunStats::new(),
             session,
@@ -299,6 +343,19 @@ impl Task {
     /// Iterations of the whole run.
     pub fn total_iterations(&self) -> u64 {
         self.num_epochs * self.iterations_per_epoch
+    }
+
+    /// Source images per second since the phase started.
+    pub fn images_per_second(&self) -> f64 {
+        self.stats.phase_images as f64 / self.stats.phase_started.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    /// Time to the end of training at the average step time of this process so far.
+    pub fn eta(&self) -> Duration {
+        let steps = self.stats.losses.len().max(1) as f64;
+        let per_step = self.stats.run_started.elapsed().as_secs_f64() / steps;
+        let left = self.total_iterations().saturating_sub(self.iteration) as f64;
+        Duration::from_secs_f64((left * per_step).max(0.0))
     }
 
     fn schedule_where(&self, schedule: &dyn ParamScheduler) -> f64 {
@@ -319,19 +376,19 @@ impl Task {
             .value(self.schedule_where(self.lr_head_schedule.as_ref()));
     }
 
-    /// Everything a checkpoint holds, grouped by file.
+    /// Everything a checkpoint holds, grouped by file, as CPU copies that training no longer touches.
     fn checkpoint_groups(&self) -> Vec<TensorGroup> {
         let model = self
             .vs
             .variables()
             .into_iter()
-            .map(|(n, t)| (n, t.detach().to_device(Device::Cpu)))
+            .map(|(n, t)| (n, cpu_copy(&t)))
             .collect();
         let optimizer = self
             .optimizer
             .state_dict()
             .into_iter()
-            .map(|(n, t)| (n, t.to_device(Device::Cpu)))
+            .map(|(n, t)| (n, cpu_copy(&t)))
             .collect();
         let mut groups = vec![
             TensorGroup {
@@ -343,7 +400,12 @@ impl Task {
                 tensors: optimizer,
             },
         ];
-        let loss_state = self.loss.state_tensors();
+        let loss_state: Vec<(String, Tensor)> = self
+            .loss
+            .state_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, cpu_copy(&t)))
+            .collect();
         if !loss_state.is_empty() {
             groups.push(TensorGroup {
                 name: "loss".into(),
@@ -364,48 +426,125 @@ impl Task {
         self.session.as_ref().is_none_or(|s| s.is_primary())
     }
 
-    /// Write a checkpoint of the current position and apply retention (rank 0 only; other ranks
-    /// hold the same state).
-    pub fn save_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+    /// Checkpoint the current position (rank 0 only; other ranks hold the same state). The tensors are
+    /// copied now; writing, uploading and retention happen in the background with
+    /// CHECKPOINT.SAVE_IN_BACKGROUND. A failed save is logged and counted, and training goes on.
+    pub fn save_checkpoint(&mut self) -> Result<()> {
         if !self.is_primary() {
-            return Ok(None);
+            return Ok(());
         }
         let started = Instant::now();
-        let position = Position {
-            iteration: self.iteration,
-            epoch: self.epoch,
-            iteration_in_epoch: self.iteration_in_epoch,
+        let snapshot = Snapshot {
+            position: Position {
+                iteration: self.iteration,
+                epoch: self.epoch,
+                iteration_in_epoch: self.iteration_in_epoch,
+            },
+            seed: self.config.seed_value,
+            config_hash: self.config.hash(),
+            groups: self.checkpoint_groups(),
+            extra: self.layout().to_extra(),
         };
-        let folder = checkpoint::save(
-            &self.checkpoint_dir,
-            position,
-            self.config.seed_value,
-            &self.config.hash(),
-            &self.checkpoint_groups(),
-            self.layout().to_extra(),
-        )?;
-        let keep = self.config.checkpoint.keep_last_k;
-        if keep > 0 {
-            checkpoint::retain(&self.checkpoint_dir, keep as usize)?;
+        let background = self.checkpoints.is_background();
+        let (outcomes, _) = self.checkpoints.submit(snapshot);
+        let held_up = started.elapsed().as_secs_f64();
+        self.stats.checkpoints.last_stall_seconds = held_up;
+        tracing::info!(
+            iteration = self.iteration,
+            held_up_seconds = held_up,
+            background,
+            "checkpoint taken"
+        );
+        for outcome in outcomes {
+            self.record_checkpoint(outcome);
         }
-        tracing::info!(folder = %folder.display(), seconds = started.elapsed().as_secs_f64(), "checkpoint saved");
-        self.last_checkpoint = Some(folder.clone());
-        Ok(Some(folder))
+        Ok(())
+    }
+
+    /// Take note of a finished save, if there is one; never blocks.
+    pub fn poll_checkpoint(&mut self) {
+        if let Some(outcome) = self.checkpoints.poll() {
+            self.record_checkpoint(outcome);
+        }
+    }
+
+    /// Wait for the save in flight. The run's last checkpoint must not fail silently: when its save failed
+    /// (a store outage, say) it is tried again with growing pauses for about half a minute
+    /// ([`FINAL_SAVE_RETRY_PAUSES`]), and an error if it still fails.
+    pub fn finish_checkpoints(&mut self) -> Result<()> {
+        if let Some(outcome) = self.checkpoints.wait() {
+            self.record_checkpoint(outcome);
+        }
+        for pause in FINAL_SAVE_RETRY_PAUSES {
+            if !self.checkpoints.has_failed_save() {
+                return Ok(());
+            }
+            tracing::warn!(
+                "the final checkpoint was not saved to {}; trying again in {} s",
+                self.checkpoint_dir,
+                pause
+            );
+            std::thread::sleep(Duration::from_secs(pause));
+            if let Some(outcome) = self.checkpoints.retry_failed() {
+                self.record_checkpoint(outcome);
+            }
+        }
+        if self.checkpoints.has_failed_save() {
+            bail!(
+                "the final checkpoint could not be saved to {} (see the errors above)",
+                self.checkpoint_dir
+            );
+        }
+        Ok(())
+    }
+
+    fn record_checkpoint(&mut self, outcome: SaveOutcome) {
+        let stats = &mut self.stats.checkpoints;
+        match outcome.result {
+            Ok(report) => {
+                tracing::info!(
+                    folder = %report.folder,
+                    bytes = report.bytes,
+                    write_seconds = report.write_seconds,
+                    upload_seconds = report.upload_seconds,
+                    "checkpoint saved"
+                );
+                stats.last_iteration = Some(report.iteration);
+                stats.last_write_seconds = report.write_seconds;
+                stats.last_upload_seconds = report.upload_seconds;
+                stats.last_bytes = report.bytes;
+                stats.completed += 1;
+                self.last_checkpoint = Some(report.folder);
+            }
+            Err(err) => {
+                stats.failed += 1;
+                tracing::warn!(
+                    "checkpoint at iteration {} was not saved (training continues; the next save \
+                     tries again): {err:#}",
+                    outcome.iteration
+                );
+            }
+        }
+    }
+
+    /// The checkpoint folder this run saves to and resumes from.
+    pub fn checkpoint_store(&self) -> &CheckpointDir {
+        self.checkpoints.dir()
     }
 
     /// Restore model, optimizer, loss state and position from a verified checkpoint.
     pub fn restore(&mut self, ckpt: &checkpoint::Checkpoint) -> Result<()> {
         if ckpt.manifest.config_hash != self.config.hash() {
             tracing::warn!(
-                folder = %ckpt.folder.display(),
+                folder = %ckpt.location,
                 "resuming from a checkpoint written under a different config"
             );
         }
         copy_into_varstore(&self.vs, &ckpt.tensors("model")?)
-            .with_context(|| format!("{}", ckpt.folder.display()))?;
+            .with_context(|| format!("{}", ckpt.location))?;
         self.optimizer
             .load_state_dict(&ckpt.tensors("optimizer")?)
-            .with_context(|| format!("optimizer state of {}", ckpt.folder.display()))?;
+            .with_context(|| format!("optimizer state of {}", ckpt.location))?;
         if ckpt
             .manifest
             .files
@@ -420,7 +559,7 @@ impl Task {
             saved_layout.as_ref(),
             &ckpt.manifest.position,
         )
-        .with_context(|| format!("resuming from {}", ckpt.folder.display()))?;
+        .with_context(|| format!("resuming from {}", ckpt.location))?;
         self.iteration = p.iteration;
         self.epoch = p.epoch;
         self.iteration_in_epoch = p.iteration_in_epoch;
@@ -429,7 +568,7 @@ impl Task {
             self.iteration_in_epoch = 0;
         }
         tracing::info!(
-            folder = %ckpt.folder.display(),
+            folder = %ckpt.location,
             iteration = self.iteration,
             epoch = self.epoch,
             "resumed"
@@ -451,6 +590,16 @@ impl Task {
                 .forward_t(&batch_input(batch)?.to_device(self.device), train)?
         };
         Ok(outputs)
+    }
+}
+
+/// A CPU copy of `t` that shares no memory with it (moving a CPU tensor to the CPU would not copy).
+fn cpu_copy(t: &Tensor) -> Tensor {
+    let t = t.detach();
+    if t.device() == Device::Cpu {
+        t.copy()
+    } else {
+        t.to_device(Device::Cpu)
     }
 }
 
@@ -504,6 +653,20 @@ impl Trainer {
         }
         hooks.push(Box::new(LogLossLrEtaHook::new(log_frequency)));
         hooks.push(Box::new(CheckpointHook));
+        if task.is_primary() {
+            // After the checkpoint hook, so that they see its latest numbers.
+            let prometheus = &task.config.hooks.prometheus_setup;
+            if prometheus.use_prometheus {
+                hooks.push(Box::new(
+                    MetricsHook::start(prometheus, &task).context("HOOKS.PROMETHEUS_SETUP")?,
+                ));
+            }
+            if task.config.hooks.tensorboard_setup.use_tensorboard {
+                hooks.push(Box::new(
+                    TensorboardHook::new(&task).context("HOOKS.TENSORBOARD_SETUP")?,
+                ));
+            }
+        }
         if let Some(session) = &options.distributed {
             hooks.push(Box::new(DataParallel::new(&task, session)?));
         }
@@ -523,15 +686,17 @@ impl Trainer {
     pub fn train(mut self) -> Result<RunSummary> {
         let task = &mut self.task;
         if task.config.checkpoint.auto_resume {
-            if let Some(ckpt) = checkpoint::latest(&task.checkpoint_dir)? {
+            if let Some(ckpt) = task.checkpoint_store().latest()? {
                 task.restore(&ckpt)?;
+                task.last_checkpoint = Some(ckpt.location.clone());
+                task.stats.checkpoints.last_iteration = Some(ckpt.manifest.position.iteration);
             }
         }
         let mut test_meters = Vec::new();
         if task.epoch >= task.num_epochs {
             tracing::info!(
                 iteration = task.iteration,
-                dir = %task.checkpoint_dir.display(),
+                dir = %task.checkpoint_dir,
                 "training already finished (OPTIMIZER.num_epochs reached); nothing to do. Use another \
                  CHECKPOINT.DIR or raise num_epochs to train further"
             );

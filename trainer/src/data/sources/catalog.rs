@@ -168,7 +168,8 @@ pub fn get_data_files(
             (cfg.data_paths[i].clone(), from_catalog.and_then(|(_, l)| l))
         };
         let data_path = local_copy(&data_path, cfg);
-        if !Path::new(&data_path).exists() {
+        // Object-store URLs are checked when the source lists them.
+        if !crate::storage::is_remote_url(&data_path) && !Path::new(&data_path).exists() {
             return Err(DataError::Config(format!(
                 "{}[{i}] = {source}: data path '{data_path}' does not exist (split {split}, dataset '{}')",
                 key("DATA_SOURCES"),
@@ -183,7 +184,7 @@ pub fn get_data_files(
         files.label_paths.push(
             label
                 .map(|p| local_copy(&p, cfg))
-                .filter(|p| Path::new(p).exists()),
+                .filter(|p| crate::storage::is_remote_url(p) || Path::new(p).exists()),
         );
         files.data_paths.push(data_path);
     }

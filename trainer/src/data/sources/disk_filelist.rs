@@ -1,12 +1,18 @@
 //! `disk_filelist`: a numpy `.npy` array of image paths (`<U..` or `|S..`; one path per line in a
-//! `.txt` works too), with VISSL's `REMOVE_IMG_PATH_PREFIX` / `NEW_IMG_PATH_PREFIX` rewrite.
+//! `.txt` works too), with VISSL's `REMOVE_IMG_PATH_PREFIX` / `NEW_IMG_PATH_PREFIX` rewrite. The list,
+//! the label file and the image paths (after the rewrite) may be object-store URLs, so
+//! `NEW_IMG_PATH_PREFIX: s3://bucket/imagenet/` moves a dataset to a bucket without a new list.
 
 use std::path::Path;
 
 use image::RgbImage;
 
-use super::{index_error, load_image_file, npy, read_label_file, DataSource, Labels, SourceSpec};
+use super::{
+    fetch_if_remote, index_error, load_image_at, npy, read_label_file, DataSource, Labels,
+    SourceSpec,
+};
 use crate::data::{DataError, Result};
+use crate::storage::Location;
 
 /// Images listed in a file.
 pub struct DiskFilelist {
@@ -30,8 +36,10 @@ pub(super) fn build(spec: &SourceSpec) -> Result<Box<dyn DataSource>> {
     )))
 }
 
-/// Read a list of paths from `.npy` (string array) or `.txt` (one per line).
+/// Read a list of paths from `.npy` (string array) or `.txt` (one per line); `path` may be a URL.
 pub fn read_path_list(path: &Path) -> Result<Vec<String>> {
+    let local = fetch_if_remote(path)?;
+    let path = local.as_path();
     let what = path.display().to_string();
     if !path.is_file() {
         return Err(DataError::BadFile {
@@ -98,7 +106,11 @@ impl DataSource for DiskFilelist {
         let path = self
             .resolved_path(index)
             .ok_or_else(|| index_error("disk_filelist", index, self.len()))?;
-        load_image_file(Path::new(&path))
+        let location = Location::parse(&path).map_err(|e| DataError::BadFile {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        load_image_at(&location)
     }
 
     fn describe(&self, index: usize) -> String {

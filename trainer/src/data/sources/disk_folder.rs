@@ -1,12 +1,15 @@
 //! `disk_folder`: torchvision's ImageFolder layout, `path/<class>/**/<image>`; classes are the
-//! sorted sub-folder names and label `i` is the `i`-th class.
+//! sorted sub-folder names and label `i` is the `i`-th class. The path may be an object-store URL
+//! (`s3://bucket/train`): the prefix is listed once, and images are read through the local cache.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 
-use super::{index_error, load_image_file, DataSource, Labels, SourceSpec};
+use super::{index_error, load_image_at, DataSource, Labels, SourceSpec};
 use crate::data::Result;
+use crate::storage::{Location, Storage};
 
 /// torchvision's `IMG_EXTENSIONS`, matched case-insensitively on the file name.
 pub const IMG_EXTENSIONS: &[&str] = &[
@@ -15,14 +18,16 @@ pub const IMG_EXTENSIONS: &[&str] = &[
 
 /// The images of an ImageFolder tree.
 pub struct DiskFolder {
-    root: PathBuf,
+    root: Location,
     classes: Vec<String>,
-    /// (image path, class index), classes in order and files in walk order.
-    samples: Vec<(PathBuf, i64)>,
+    /// (image location, class index), classes in order and files in walk order.
+    samples: Vec<(Location, i64)>,
 }
 
 pub(super) fn build(spec: &SourceSpec) -> Result<Box<dyn DataSource>> {
-    let folder = DiskFolder::open(Path::new(spec.path))
+    let folder = Location::parse(spec.path)
+        .map_err(|e| e.to_string())
+        .and_then(|location| DiskFolder::open_location(&location))
         .map_err(|reason| spec.error("disk_folder", reason))?;
     tracing::info!(
         split = spec.split,
@@ -80,7 +85,15 @@ fn walk(dir: &Path) -> std::io::Result<Vec<(PathBuf, Vec<String>)>> {
 }
 
 impl DiskFolder {
-    /// Scan an ImageFolder tree; errors say what is wrong with it.
+    /// Scan an ImageFolder tree in a local folder or under an object-store prefix.
+    pub fn open_location(root: &Location) -> std::result::Result<Self, String> {
+        match root.local_path() {
+            Some(path) => Self::open(path),
+            None => Self::open_remote(root),
+        }
+    }
+
+    /// Scan a local ImageFolder tree; errors say what is wrong with it.
     pub fn open(root: &Path) -> std::result::Result<Self, String> {
         if !root.is_dir() {
             return Err(
@@ -94,6 +107,61 @@ impl DiskFolder {
                 classes.push(entry.file_name().to_string_lossy().into_owned());
             }
         }
+        Self::assemble(Location::Local(root.to_path_buf()), classes, |class| {
+            let tree =
+                walk(&root.join(class)).map_err(|e| format!("cannot list class '{class}': {e}"))?;
+            Ok(tree
+                .into_iter()
+                .flat_map(|(dir, files)| {
+                    files
+                        .into_iter()
+                        .map(move |name| Location::Local(dir.join(name)))
+                })
+                .collect())
+        })
+    }
+
+    /// Scan an ImageFolder tree under an object-store prefix: one listing, in the order a local walk of
+    /// the same tree gives (folders by path, files by name within each).
+    pub fn open_remote(root: &Location) -> std::result::Result<Self, String> {
+        let storage = Storage::open(root).map_err(|e| e.to_string())?;
+        let listed = storage
+            .list_files()
+            .map_err(|e| format!("cannot list: {e}"))?;
+        // class -> (folder below the class, file name), sorted as the local walk sorts.
+        let mut by_class: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for (rel, _) in listed {
+            let mut parts: Vec<&str> = rel.split('/').collect();
+            // Files directly under the root belong to no class, as in ImageFolder.
+            if parts.len() < 2 {
+                continue;
+            }
+            let name = parts.pop().unwrap_or_default().to_string();
+            let class = parts[0].to_string();
+            by_class
+                .entry(class)
+                .or_default()
+                .push((parts.join("/"), name));
+        }
+        let classes: Vec<String> = by_class.keys().cloned().collect();
+        Self::assemble(root.clone(), classes, |class| {
+            let mut files = by_class.remove(class).unwrap_or_default();
+            files.sort_by(|a, b| {
+                (a.0.as_bytes(), a.1.as_bytes()).cmp(&(b.0.as_bytes(), b.1.as_bytes()))
+            });
+            Ok(files
+                .into_iter()
+                .map(|(dir, name)| root.join(&dir).join(&name))
+                .collect())
+        })
+    }
+
+    /// Number the sorted classes and keep each class's image files (every class must have one).
+    fn assemble(
+        root: Location,
+        mut classes: Vec<String>,
+        mut files_of: impl FnMut(&str) -> std::result::Result<Vec<Location>, String>,
+    ) -> std::result::Result<Self, String> {
         classes.sort();
         if classes.is_empty() {
             return Err(
@@ -104,11 +172,9 @@ impl DiskFolder {
         let mut empty_classes = Vec::new();
         for (class_index, class) in classes.iter().enumerate() {
             let before = samples.len();
-            let tree =
-                walk(&root.join(class)).map_err(|e| format!("cannot list class '{class}': {e}"))?;
-            for (dir, files) in tree {
-                for name in files.into_iter().filter(|n| has_image_extension(n)) {
-                    samples.push((dir.join(name), class_index as i64));
+            for file in files_of(class)? {
+                if has_image_extension(&file.file_name()) {
+                    samples.push((file, class_index as i64));
                 }
             }
             if samples.len() == before {
@@ -123,7 +189,7 @@ impl DiskFolder {
             ));
         }
         Ok(Self {
-            root: root.to_path_buf(),
+            root,
             classes,
             samples,
         })
@@ -134,8 +200,8 @@ impl DiskFolder {
         &self.classes
     }
 
-    /// The folder this was read from.
-    pub fn root(&self) -> &Path {
+    /// The folder or prefix this was read from.
+    pub fn root(&self) -> &Location {
         &self.root
     }
 }
@@ -150,13 +216,13 @@ impl DataSource for DiskFolder {
             .samples
             .get(index)
             .ok_or_else(|| index_error("disk_folder", index, self.len()))?;
-        load_image_file(path)
+        load_image_at(path)
     }
 
     fn describe(&self, index: usize) -> String {
         self.samples
             .get(index)
-            .map_or_else(|| format!("index {index}"), |s| s.0.display().to_string())
+            .map_or_else(|| format!("index {index}"), |s| s.0.to_string())
     }
 
     fn labels(&self, _label_path: Option<&Path>) -> Result<Labels> {
@@ -167,11 +233,6 @@ impl DataSource for DiskFolder {
     }
 
     fn image_paths(&self) -> Option<Vec<String>> {
-        Some(
-            self.samples
-                .iter()
-                .map(|s| s.0.display().to_string())
-                .collect(),
-        )
+        Some(self.samples.iter().map(|s| s.0.to_string()).collect())
     }
 }

@@ -150,6 +150,34 @@ pub fn decode_image(bytes: &[u8], what: &str) -> Result<RgbImage> {
     Ok(decoded.into_rgb8())
 }
 
+/// A path given in a config that may hold an object-store URL: the URL's cached local copy, else the
+/// path itself.
+pub fn fetch_if_remote(path: &Path) -> Result<std::path::PathBuf> {
+    let text = path.to_string_lossy();
+    if !crate::storage::is_remote_url(&text) {
+        return Ok(path.to_path_buf());
+    }
+    crate::storage::Location::parse(&text)
+        .and_then(|location| crate::storage::cached_copy(&location))
+        .map_err(|e| DataError::BadFile {
+            path: text.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// Read and decode an image from a local path or an object store (through the local cache).
+pub fn load_image_at(location: &crate::storage::Location) -> Result<RgbImage> {
+    if let Some(path) = location.local_path() {
+        return load_image_file(path);
+    }
+    let what = location.to_string();
+    let bytes = crate::storage::read_cached(location).map_err(|e| DataError::BadFile {
+        path: what.clone(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    decode_image(&bytes, &what)
+}
+
 /// Read and decode an image file.
 pub fn load_image_file(path: &Path) -> Result<RgbImage> {
     let what = path.display().to_string();
@@ -176,8 +204,11 @@ pub fn labels_from_names(names: &[String]) -> Labels {
     }
 }
 
-/// Read a label file (`.npy` of integers or strings), as `LABEL_SOURCES: disk_filelist` does.
+/// Read a label file (`.npy` of integers or strings), as `LABEL_SOURCES: disk_filelist` does; the
+/// path may be an object-store URL.
 pub fn read_label_file(path: &Path) -> Result<Labels> {
+    let local = fetch_if_remote(path)?;
+    let path = local.as_path();
     let what = path.display().to_string();
     let is_npy = path
         .extension()
