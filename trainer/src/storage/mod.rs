@@ -23,6 +23,24 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use vissl_crds::config::StorageConfig;
 
+/// The store's error code when a request was refused for its credentials (S3's codes; GCS and Azure
+/// answer 401/403), so the message can say so in one line instead of echoing the response body.
+fn refused_credentials(err: &object_store::Error) -> Option<&'static str> {
+    let text = err.to_string();
+    [
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "AccessDenied",
+        "AuthenticationFailed",
+    ]
+    .into_iter()
+    .find(|code| text.contains(code))
+    .or_else(|| {
+        (text.contains("401 Unauthorized") || text.contains("403 Forbidden"))
+            .then_some("HTTP 401/403")
+    })
+}
+
 /// Storage errors; each names the location it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -311,7 +329,16 @@ impl Storage {
         let store = credentials::build_store(*scheme, bucket, &quick, &self.location)?;
         block_on(store.list_with_delimiter(Some(&self.root)))?
             .map(|_| ())
-            .map_err(|e| StorageError::store(&self.location, "listing (access check)", e))
+            .map_err(|e| match refused_credentials(&e) {
+                Some(code) => StorageError::Credentials {
+                    location: self.location.to_string(),
+                    reason: format!(
+                        "the store refused the credentials ({code}); check the key and secret in the \
+                         environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_*, AZURE_*)"
+                    ),
+                },
+                None => StorageError::store(&self.location, "listing (access check)", e),
+            })
     }
 
     /// Write `bytes` as file `name` in one request (replacing it); visible all at once or not at all.
