@@ -1,0 +1,2 @@
+//! `vissl-operator`: placeholder until the controller lands (issue 6).
+fn main() {}
