@@ -6,6 +6,7 @@ pub mod commands;
 pub mod data;
 pub mod dist;
 pub mod engine;
+pub mod exit;
 pub mod logging;
 pub mod losses;
 pub mod metrics;

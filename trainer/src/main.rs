@@ -50,6 +50,8 @@ enum Command {
     /// Train from a VISSL config (`engine_name=extract_features` extracts features instead). Resumes from
     /// the newest verified checkpoint in CHECKPOINT.DIR when CHECKPOINT.AUTO_RESUME.
     Train(commands::train::Args),
+    /// Wait until $MASTER_ADDR (node 0 of a multi-node run) resolves: the pod's init step.
+    WaitForMaster(commands::wait::Args),
     /// Evaluate a trained model.
     #[command(subcommand)]
     Benchmark(BenchmarkCommand),
@@ -89,6 +91,7 @@ fn main() -> std::process::ExitCode {
         Command::Config(ConfigCommand::Validate(o)) => commands::config::validate(&o.args),
         Command::List { kind } => commands::list::run(&kind),
         Command::Train(args) => commands::train::run(&args),
+        Command::WaitForMaster(args) => commands::wait::run(&args),
         Command::Benchmark(BenchmarkCommand::Knn(args)) => commands::benchmark::knn(&args),
         Command::Bench(BenchCommand::Data(args)) => commands::bench_data::run(&args),
         Command::Bench(BenchCommand::Dist(args)) => vissl_trainer::dist::bench::run(&args),
@@ -97,7 +100,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(vissl_trainer::exit::code_for(&err))
         }
     }
 }

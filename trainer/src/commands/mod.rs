@@ -5,6 +5,7 @@ pub mod benchmark;
 pub mod config;
 pub mod list;
 pub mod train;
+pub mod wait;
 
 use anyhow::Result;
 use vissl_crds::config::Config;

@@ -577,9 +577,17 @@ fn watch(workers: &mut [Worker]) -> Result<()> {
                 message.push_str(&format!("; also {}", others.join("; ")));
             }
             stop_all(workers, libc::SIGTERM);
-            return Err(DistError::Launch(format!(
-                "{message}; stopped the other workers of this node"
-            )));
+            let message = format!("{message}; stopped the other workers of this node");
+            // A worker that found the config or data invalid: the node reports the same, so the
+            // operator does not retry what cannot succeed.
+            let permanent = failed.iter().find_map(|&i| {
+                let code = workers[i].status.and_then(|s| s.code())?;
+                crate::exit::is_permanent(code).then_some(code as u8)
+            });
+            return Err(match permanent {
+                Some(code) => DistError::WorkerExit { code, message },
+                None => DistError::Launch(message),
+            });
         }
         if workers.iter().all(|w| w.status.is_some()) {
             return Ok(());

@@ -72,6 +72,9 @@ pub enum DistError {
     /// Starting or watching worker processes failed.
     #[error("{0}")]
     Launch(String),
+    /// A worker exited with a code that retrying cannot fix (see [`crate::exit`]); the node exits with it.
+    #[error("{message}")]
+    WorkerExit { code: u8, message: String },
     #[error(transparent)]
     Torch(#[from] tch::TchError),
     #[error(transparent)]
@@ -157,11 +160,15 @@ impl Session {
     /// [`autograd::gather_from_all`].
     pub fn loss_context(&self) -> LossContext {
         let group = self.inner.group.clone();
+        let reduce_group = self.inner.group.clone();
         LossContext::distributed(
             self.rank(),
             self.world_size(),
             Box::new(move |t| autograd::gather_from_all(&group, t).map_err(|e| e.to_string())),
         )
+        .with_all_reduce_sum(Box::new(move |t| {
+            reduce_group.all_reduce_sum_(t).map_err(|e| e.to_string())
+        }))
     }
 
     /// Turn the models' batch norms into SyncBatchNorm when `MODEL.SYNC_BN_CONFIG` asks for it.

@@ -11,7 +11,7 @@ use crate::checkpoint::writer::{CheckpointWriter, SaveOutcome};
 use crate::checkpoint::{self, CheckpointDir, Position, Snapshot, TensorGroup};
 use crate::data::{collators::Batch, SplitPipeline};
 use crate::dist::{resume::RunLayout, DataParallel, Session};
-use crate::losses::{self, Loss, LossContext};
+use crate::losses::{self, Loss, LossContext, StepContext};
 use crate::metrics::hook::MetricsHook;
 use crate::models::{BaseSslModel, ModelParams};
 use crate::optim::{NamedParam, Optimizer, OptimizerParams};
@@ -21,6 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use hooks::{CheckNanHook, CheckpointHook, Hook, LogLossLrEtaHook};
 use meters::AccuracyListMeter;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{nn, Device, Tensor};
 use vissl_crds::config::schedulers::{ParamScheduler, UpdateInterval};
@@ -236,9 +237,11 @@ impl Task {
             session.install_sync_bn(&config)?;
         }
         let (vs, model) = build_initialised_model(&config, device)?;
+        let factory_config = config.clone();
         let loss_context = session
             .as_ref()
-            .map_or_else(LossContext::single_process, Session::loss_context);
+            .map_or_else(LossContext::single_process, Session::loss_context)
+            .with_model_factory(Arc::new(move || build_model(&factory_config, device)));
         let loss = losses::build_loss(raw_group(&config, "LOSS")?, loss_context).context("LOSS")?;
         let opt_params =
             OptimizerParams::from_yaml(raw_group(&config, "OPTIMIZER")?).context("OPTIMIZER")?;
@@ -578,16 +581,24 @@ impl Task {
 
     /// The model's outputs for a collated batch (multi-crop batches go through the multi-resolution path).
     pub fn forward(&self, batch: &Batch, train: bool) -> Result<Vec<Tensor>> {
-        let outputs = if batch.data.len() > 1 {
-            let crops: Vec<Tensor> = batch
-                .data
-                .iter()
-                .map(|t| t.to_device(self.device))
-                .collect();
-            self.model.forward_multi_res(&crops, train)?
-        } else {
-            self.model
-                .forward_t(&batch_input(batch)?.to_device(self.device), train)?
+        self.forward_crops(&self.device_crops(batch)?, train)
+    }
+
+    /// The batch's input crops on the model's device.
+    pub fn device_crops(&self, batch: &Batch) -> Result<Vec<Tensor>> {
+        batch_input(batch)?;
+        Ok(batch
+            .data
+            .iter()
+            .map(|t| t.to_device(self.device))
+            .collect())
+    }
+
+    /// The model's outputs for crops already on its device.
+    pub fn forward_crops(&self, crops: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
+        let outputs = match crops {
+            [single] => self.model.forward_t(single, train)?,
+            _ => self.model.forward_multi_res(crops, train)?,
         };
         Ok(outputs)
     }
@@ -714,6 +725,7 @@ impl Trainer {
             task.phase = Phase::Train;
             task.stats.start_phase();
             call(&mut self.hooks, task, |h, t| h.on_phase_start(t))?;
+            loss_event(task, &[], |loss, _, step| loss.on_phase_start(step))?;
             let mut loader = task.train_data.loader(
                 &task.config.data,
                 task.config.seed_value,
@@ -769,24 +781,48 @@ impl Trainer {
     }
 }
 
+/// Runs the loss (or one of its own events: teachers, prototypes, clustering) with the step's context
+/// and the model's last outputs.
+fn loss_event<T, F>(task: &mut Task, crops: &[Tensor], event: F) -> Result<T>
+where
+    F: FnOnce(&mut dyn Loss, &[Tensor], &StepContext) -> losses::Result<T>,
+{
+    let step = StepContext {
+        model: &task.model,
+        crops,
+        iteration: task.iteration,
+        epoch: task.epoch,
+        iterations_per_epoch: task.iterations_per_epoch,
+        num_epochs: task.num_epochs,
+        train: task.phase == Phase::Train,
+    };
+    let result = event(task.loss.as_mut(), &task.last_output, &step);
+    result.with_context(|| format!("loss {}", task.loss.name()))
+}
+
 /// One training step with its hook events: forward, loss, backward, update.
 fn train_step(task: &mut Task, hooks: &mut [Box<dyn Hook>], batch: &Batch) -> Result<()> {
     task.update_lr();
-    task.last_output = task.forward(batch, true)?;
+    let crops = task.device_crops(batch)?;
+    task.last_output = task.forward_crops(&crops, true)?;
     task.last_target = batch.label.first().map(|t| t.to_device(task.device));
     call(hooks, task, |h, t| h.on_forward(t))?;
     let target = match &task.last_target {
         Some(t) => t.shallow_clone(),
         None => Tensor::zeros([0], (tch::Kind::Int64, task.device)),
     };
-    let loss = task.loss.forward(&task.last_output, &target)?;
+    let loss = loss_event(task, &crops, |loss, output, step| {
+        loss.forward_step(output, &target, step)
+    })?;
     task.last_loss = loss.double_value(&[]);
     call(hooks, task, |h, t| h.on_loss_and_meter(t))?;
     task.optimizer.zero_grad();
     // A collective inside backward (gathered negatives, SyncBN, DDP buckets) can fail.
     loss.f_backward().context("backward pass")?;
     call(hooks, task, |h, t| h.on_backward(t))?;
+    loss_event(task, &crops, |loss, _, step| loss.on_backward(step))?;
     task.optimizer.step(task.lr, task.lr_head)?;
+    loss_event(task, &crops, |loss, _, step| loss.on_update(step))?;
     call(hooks, task, |h, t| h.on_update(t))?;
     task.iteration += 1;
     task.iteration_in_epoch += 1;

@@ -9,11 +9,14 @@
 pub mod cross_entropy_loss;
 pub mod cross_entropy_multiple_output_single_target;
 pub mod info_nce;
+pub mod momentum_encoder;
 pub mod multicrop_simclr_info_nce_loss;
 pub mod simclr_info_nce_loss;
 
+use crate::models::BaseSslModel;
 use serde::de::DeserializeOwned;
-use tch::Tensor;
+use std::sync::Arc;
+use tch::{nn, Tensor};
 
 pub use cross_entropy_loss::CrossEntropyLoss;
 pub use cross_entropy_multiple_output_single_target::CrossEntropyMultipleOutputSingleTargetLoss;
@@ -54,7 +57,14 @@ pub type Result<T, E = LossError> = std::result::Result<T, E>;
 /// this rank's embeddings through the gathered copy as well.
 pub type GatherFn = Box<dyn Fn(&Tensor) -> Result<Tensor, String> + Send>;
 
-/// Where a loss runs: this process's rank, the world size and how to gather across ranks.
+/// Sums a tensor over every rank in place (no autograd): Sinkhorn sums, centers, cluster statistics.
+pub type AllReduceSumFn = Box<dyn Fn(&Tensor) -> Result<(), String> + Send>;
+
+/// Builds a fresh model of the trained model's architecture on its device (momentum encoders,
+/// EMA teachers); its weights are then copied from the trained model by the loss.
+pub type ModelFactory = Arc<dyn Fn() -> anyhow::Result<(nn::VarStore, BaseSslModel)> + Send + Sync>;
+
+/// Where a loss runs: this process's rank, the world size and how to talk to the other ranks.
 pub struct LossContext {
     /// Global rank of this process.
     pub rank: usize,
@@ -62,25 +72,85 @@ pub struct LossContext {
     pub world_size: usize,
     /// The cross-rank gather; the identity for a single process.
     pub gather: GatherFn,
+    /// The cross-rank in-place sum; a no-op for a single process.
+    pub all_reduce_sum: AllReduceSumFn,
+    /// How to build a second copy of the model; `None` where no model exists (loss unit tests).
+    pub model_factory: Option<ModelFactory>,
 }
 
 impl LossContext {
     /// A single-process run: rank 0 of 1, gather is the identity.
     pub fn single_process() -> Self {
-        Self {
-            rank: 0,
-            world_size: 1,
-            gather: Box::new(|t: &Tensor| Ok(t.shallow_clone())),
-        }
+        Self::distributed(0, 1, Box::new(|t: &Tensor| Ok(t.shallow_clone())))
     }
 
-    /// A rank of a multi-process run with the given gather.
+    /// A rank of a multi-process run with the given gather (all-reduce a no-op until set).
     pub fn distributed(rank: usize, world_size: usize, gather: GatherFn) -> Self {
         Self {
             rank,
             world_size,
             gather,
+            all_reduce_sum: Box::new(|_: &Tensor| Ok(())),
+            model_factory: None,
         }
+    }
+
+    /// The same context with a cross-rank sum.
+    pub fn with_all_reduce_sum(mut self, all_reduce_sum: AllReduceSumFn) -> Self {
+        self.all_reduce_sum = all_reduce_sum;
+        self
+    }
+
+    /// The same context with a way to build copies of the model.
+    pub fn with_model_factory(mut self, factory: ModelFactory) -> Self {
+        self.model_factory = Some(factory);
+        self
+    }
+
+    /// Sums `t` over the ranks in place, naming the loss when the collective fails.
+    pub fn sum_across_ranks(&self, loss: &'static str, t: &Tensor) -> Result<()> {
+        (self.all_reduce_sum)(t).map_err(|reason| LossError::Gather { loss, reason })
+    }
+
+    /// A fresh model of the trained architecture, for losses that keep a second network.
+    pub fn build_model_copy(&self, loss: &'static str) -> Result<(nn::VarStore, BaseSslModel)> {
+        let factory = self
+            .model_factory
+            .as_ref()
+            .ok_or_else(|| LossError::Input {
+                loss,
+                reason: "needs a copy of the model, but none can be built here".into(),
+            })?;
+        factory().map_err(|e| LossError::Input {
+            loss,
+            reason: format!("building the model copy failed: {e:#}"),
+        })
+    }
+}
+
+/// What a loss may look at in a training step besides the outputs: the model being trained, the
+/// batch's input crops (on the model's device) and where the run stands. Methods with a second
+/// network or a schedule (MoCo, DINO, SwAV's frozen prototypes) read it; the others ignore it.
+pub struct StepContext<'a> {
+    /// The model being trained.
+    pub model: &'a BaseSslModel,
+    /// The collated input crops of the batch (one tensor per resolution), on the model's device.
+    pub crops: &'a [Tensor],
+    /// Iterations done before this step (0 at the first step).
+    pub iteration: u64,
+    /// The epoch this step belongs to, from 0.
+    pub epoch: u64,
+    /// Iterations per epoch and epochs of the run, for schedules.
+    pub iterations_per_epoch: u64,
+    pub num_epochs: u64,
+    /// Training (true) or a test phase (false).
+    pub train: bool,
+}
+
+impl StepContext<'_> {
+    /// Iterations of the whole run.
+    pub fn total_iterations(&self) -> u64 {
+        self.iterations_per_epoch * self.num_epochs
     }
 }
 
@@ -92,6 +162,34 @@ pub trait Loss: Send {
     /// The scalar loss for one batch: `output` holds the model's outputs (one per head output),
     /// `target` the batch labels (ignored by self-supervised losses).
     fn forward(&mut self, output: &[Tensor], target: &Tensor) -> Result<Tensor>;
+
+    /// The loss for one batch of a run: what the engine calls. Methods that need the model, the
+    /// input crops or the step (momentum encoders, teachers, schedules) override it; the default is
+    /// [`Loss::forward`].
+    fn forward_step(
+        &mut self,
+        output: &[Tensor],
+        target: &Tensor,
+        _step: &StepContext,
+    ) -> Result<Tensor> {
+        self.forward(output, target)
+    }
+
+    /// A train phase (epoch) starts: DeepClusterV2 clusters its memory here.
+    fn on_phase_start(&mut self, _step: &StepContext) -> Result<()> {
+        Ok(())
+    }
+
+    /// Gradients are computed, before the optimizer step: SwAV zeroes its prototypes' gradients
+    /// while they are frozen.
+    fn on_backward(&mut self, _step: &StepContext) -> Result<()> {
+        Ok(())
+    }
+
+    /// The optimizer updated the parameters: EMA teachers follow, SwAV renormalises prototypes.
+    fn on_update(&mut self, _step: &StepContext) -> Result<()> {
+        Ok(())
+    }
 
     /// The tensors a checkpoint must hold to resume this loss exactly (empty when stateless).
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
