@@ -46,8 +46,10 @@ quickstart: build
 	$(VISSL) benchmark knn config=$(QUICKSTART_KNN_CONFIG) --baselines
 
 # Release profile: the numeric tests are slow unoptimised, and it reuses the target that `make build` warmed.
+# The end-to-end tests (crate tests/) run the real `vissl` and `vissl-operator` binaries, so they are built first.
 test: setup test-scripts
 	$(ENV)
+	cargo build --workspace --release --bins
 	cargo test --workspace --release
 	cargo clippy --workspace --release -- -D warnings
 	cargo fmt --all --check
