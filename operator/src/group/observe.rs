@@ -10,7 +10,9 @@ use super::{reasons, ATTEMPT_LABEL, NODE_RANK_LABEL};
 pub struct Failure {
     /// The pod (or the missing node rank).
     pub pod: String,
-    /// Exit code of the container that failed, when one ran and exited.
+    /// The container that exited non-zero, when one did.
+    pub container: Option<String>,
+    /// Its exit code.
     pub exit_code: Option<i32>,
     /// Kubernetes' reason (Error, OOMKilled, Evicted, DisruptionTarget, Deleted, ...).
     pub reason: String,
@@ -23,6 +25,7 @@ impl Failure {
     pub fn deleted(pod: &str) -> Self {
         Failure {
             pod: pod.to_string(),
+            container: None,
             exit_code: None,
             reason: "Deleted".into(),
             message: String::new(),
@@ -43,12 +46,12 @@ impl Failure {
         let mut text = if self.reason == "Deleted" {
             format!("pod {} was deleted", self.pod)
         } else {
-            match self.exit_code {
-                Some(code) => format!(
-                    "pod {} failed: exit code {code} ({})",
+            match (&self.container, self.exit_code) {
+                (Some(container), Some(code)) => format!(
+                    "pod {} failed: container {container} exited with code {code} ({})",
                     self.pod, self.reason
                 ),
-                None => format!("pod {} failed: {}", self.pod, self.reason),
+                _ => format!("pod {} failed: {}", self.pod, self.reason),
             }
         };
         if !self.message.is_empty() {
@@ -126,6 +129,7 @@ fn pod_state(pod: &Pod, main_container: &str) -> PodState {
         // Preemption, eviction, taint manager or graceful node shutdown is about to kill it.
         _ if disrupted.is_some() => PodState::Failed(Failure {
             pod: name,
+            container: None,
             exit_code: None,
             reason: disrupted
                 .and_then(|c| c.reason.clone())
@@ -163,16 +167,15 @@ fn failure_of(pod: &Pod, main_container: &str) -> Failure {
     {
         return Failure {
             pod: name,
+            container: Some(container),
             exit_code: Some(t.exit_code),
             reason: t.reason.unwrap_or_else(|| "Error".into()),
-            message: t
-                .message
-                .map(|m| format!("container {container}: {m}"))
-                .unwrap_or_else(|| format!("container {container}")),
+            message: t.message.unwrap_or_default(),
         };
     }
     Failure {
         pod: name,
+        container: None,
         exit_code: None,
         reason: status.reason.unwrap_or_else(|| "Failed".into()),
         message: status.message.unwrap_or_default(),
@@ -234,7 +237,13 @@ mod tests {
             panic!("a failed pod");
         };
         assert_eq!(f.exit_code, Some(1));
-        assert!(f.message.contains("wait-for-master"));
+        assert_eq!(f.container.as_deref(), Some("wait-for-master"));
+        assert!(
+            f.describe()
+                .contains("container wait-for-master exited with code 1"),
+            "{}",
+            f.describe()
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ fn deleting(mut pod: ObservedPod) -> ObservedPod {
 fn exited(rank: usize, code: i32) -> PodState {
     PodState::Failed(Failure {
         pod: format!("t-node-{rank}"),
+        container: Some("trainer".into()),
         exit_code: Some(code),
         reason: "Error".into(),
         message: String::new(),
@@ -196,7 +197,7 @@ fn a_failed_pod_restarts_the_whole_group() {
     assert!(note.warning);
     assert_eq!(note.reason, reasons::POD_FAILED);
     assert!(
-        note.message.contains("t-node-1") && note.message.contains("exit code 1"),
+        note.message.contains("t-node-1") && note.message.contains("exited with code 1"),
         "{}",
         note.message
     );
@@ -207,6 +208,7 @@ fn a_failed_pod_restarts_the_whole_group() {
 fn an_evicted_pod_is_retryable() {
     let evicted = PodState::Failed(Failure {
         pod: "t-node-0".into(),
+        container: None,
         exit_code: None,
         reason: "Evicted".into(),
         message: "The node was low on resource: memory.".into(),
