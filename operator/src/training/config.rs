@@ -24,9 +24,7 @@ pub fn loader_args(spec: &SSLTrainingSpec) -> Vec<String> {
     if let Some(name) = &spec.config.name {
         args.push(format!("config={name}"));
     }
-    if let Some(inline) = &spec.config.inline {
-        inline_leaves("config", inline, &mut args);
-    }
+    args.extend(inline_args(spec));
     args.extend(spec.config.overrides.iter().cloned());
     args.push("config.HOOKS.PROMETHEUS_SETUP.USE_PROMETHEUS=true".into());
     if let Some(url) = spec.checkpoint.as_ref().and_then(|c| c.url.as_ref()) {
@@ -37,6 +35,34 @@ pub fn loader_args(spec: &SSLTrainingSpec) -> Vec<String> {
         ));
     }
     args
+}
+
+fn inline_args(spec: &SSLTrainingSpec) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(inline) = &spec.config.inline {
+        inline_leaves("config", inline, &mut args);
+    }
+    args
+}
+
+/// The loader names an argument's origin as `command line `<arg>``; in a resource the user wrote
+/// spec fields, so name those instead.
+fn name_spec_fields(message: String, spec: &SSLTrainingSpec) -> String {
+    let mut message = message;
+    for arg in inline_args(spec) {
+        let key = arg.split_once('=').map_or(arg.as_str(), |(k, _)| k);
+        message = message.replace(
+            &format!("command line `{arg}`"),
+            &format!("spec.config.inline (key `{key}`)"),
+        );
+    }
+    for arg in &spec.config.overrides {
+        message = message.replace(
+            &format!("command line `{arg}`"),
+            &format!("spec.config.overrides line `{arg}`"),
+        );
+    }
+    message
 }
 
 /// `config.A.B=<JSON value>` for every non-mapping value (and empty mapping) of the tree, so the
@@ -63,7 +89,8 @@ pub fn resolve(spec: &SSLTrainingSpec, configs_root: &Path) -> Result<ResolvedCo
         configs_root: configs_root.to_path_buf(),
         world: Some(world),
     };
-    let config = load(&opts, &loader_args(spec)).map_err(|e| e.to_string())?;
+    let config =
+        load(&opts, &loader_args(spec)).map_err(|e| name_spec_fields(e.to_string(), spec))?;
     let metrics_port = config.hooks.prometheus_setup.port;
     if metrics_port == 0 {
         return Err("invalid `config.HOOKS.PROMETHEUS_SETUP.PORT`: 0 (a free port) cannot be declared on a pod; \

@@ -78,6 +78,10 @@ pub fn error_policy(training: Arc<SSLTraining>, error: &Error, ctx: Arc<Context>
 }
 
 async fn reconcile_training(training: &SSLTraining, ctx: &Context) -> Result<Requeue> {
+    if training.metadata.deletion_timestamp.is_some() {
+        // Being deleted: the garbage collector removes the children; creating any now would race it.
+        return Ok(Requeue::await_change());
+    }
     let namespace = namespace_of(training)?;
     let name = training.name_any();
     let group = GroupApi::new(ctx.client.clone(), &namespace);

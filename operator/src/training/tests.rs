@@ -108,6 +108,18 @@ fn a_bad_config_is_reported_with_the_key() {
     t.spec.config.overrides = vec!["config.OPTIMIZER.num_epoch=3".into()];
     let error = resolve(&t.spec, &default_configs_root()).expect_err("unknown key");
     assert!(error.contains("config.OPTIMIZER.num_epoch"), "{error}");
+    assert!(
+        error.contains("spec.config.overrides line `config.OPTIMIZER.num_epoch=3`"),
+        "{error}"
+    );
+
+    t.spec.config.overrides.clear();
+    t.spec.config.inline = Some(serde_json::json!({"OPTIMIZER": {"num_epoch": 3}}));
+    let error = resolve(&t.spec, &default_configs_root()).expect_err("unknown inline key");
+    assert!(
+        error.contains("spec.config.inline (key `config.OPTIMIZER.num_epoch`)"),
+        "{error}"
+    );
 
     t.spec.config.overrides.clear();
     t.spec.config.inline = Some(serde_json::json!({"MODEL": {"TRUNK": {"NAME": "resnet_typo"}}}));
