@@ -296,3 +296,62 @@ async fn the_status_is_patched_only_when_it_changed() {
     })
     .await;
 }
+
+fn failed_pod(rank: usize, exit_code: i32) -> Value {
+    let mut pod = running_pod(rank);
+    pod["status"] = json!({"phase": "Failed", "containerStatuses": [{
+        "name": "trainer", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}}}]});
+    pod
+}
+
+async fn expect_delete(handle: &mut ApiHandle, pod: &str) {
+    let name = pod.to_string();
+    answer(
+        handle,
+        Expect {
+            method: Method::DELETE,
+            path: format!("/api/v1/namespaces/{NS}/pods/{pod}"),
+        },
+        move |_| running_pod_named(&name),
+    )
+    .await;
+}
+
+fn running_pod_named(name: &str) -> Value {
+    let mut pod = running_pod(0);
+    pod["metadata"]["name"] = json!(name);
+    pod
+}
+
+#[tokio::test]
+async fn a_failed_pod_deletes_the_whole_group_and_counts_a_restart() {
+    // The status of a running group, as the first pass of the previous test writes it.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    reconcile_with(training(None), |mut h| async move {
+        expect_list(&mut h, vec![running_pod(0), running_pod(1)]).await;
+        expect_event(&mut h, "Running").await;
+        let _ = tx.send(expect_status_patch(&mut h).await);
+    })
+    .await;
+    let running: SSLTrainingStatus =
+        serde_json::from_value(rx.await.expect("status captured")).expect("a valid status");
+
+    reconcile_with(training(Some(running)), |mut h| async move {
+        expect_list(&mut h, vec![running_pod(0), failed_pod(1, 137)]).await;
+        expect_delete(&mut h, "fmnist-node-0").await;
+        expect_delete(&mut h, "fmnist-node-1").await;
+        let event = expect_event(&mut h, "PodFailed").await;
+        assert_eq!(event["type"], "Warning");
+        let note = event["note"].as_str().unwrap_or_default();
+        assert!(
+            note.contains("fmnist-node-1") && note.contains("137"),
+            "{note}"
+        );
+        let status = expect_status_patch(&mut h).await;
+        assert_eq!(status["phase"], "Restarting");
+        assert_eq!(status["restarts"], 1);
+        assert_eq!(status["attempt"], 1);
+    })
+    .await;
+}
