@@ -1,2 +1,6 @@
-//! `vissl-operator`: placeholder until the controller lands (issue 6).
-fn main() {}
+//! `vissl-operator`: runs the SSLTraining controller, or prints its CRD.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    vissl_operator::cli::main().await
+}
