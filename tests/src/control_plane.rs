@@ -63,27 +63,27 @@ pub struct Binaries {
 impl Binaries {
     /// Finds the binaries, or fails saying which one is missing and how to get it.
     pub fn locate() -> Result<Self> {
-        let bin_dir = control_plane_bin_dir()?;
-        let kube = |name: &str| -> Result<PathBuf> {
-            let path = bin_dir.join(name);
-            if !path.is_file() {
-                bail!("{name} not found at {}: {SETUP_HINT}", path.display());
-            }
-            Ok(path)
-        };
         let etcd = match std::env::var_os("VISSL_ETCD") {
             Some(path) => PathBuf::from(path),
             None => find_on_path("etcd")
                 .with_context(|| format!("etcd is not on PATH: {SETUP_HINT}"))?,
         };
-        if !etcd.is_file() {
-            bail!("etcd not found at {}: {SETUP_HINT}", etcd.display());
-        }
+        Self::locate_in(&control_plane_bin_dir()?, etcd)
+    }
+
+    /// The Kubernetes binaries in `bin_dir`, with `etcd`; fails naming the first one missing.
+    pub fn locate_in(bin_dir: &Path, etcd: PathBuf) -> Result<Self> {
+        let existing = |path: PathBuf| -> Result<PathBuf> {
+            if !path.is_file() {
+                bail!("{} not found: {SETUP_HINT}", path.display());
+            }
+            Ok(path)
+        };
         Ok(Self {
-            etcd,
-            apiserver: kube("kube-apiserver")?,
-            controller_manager: kube("kube-controller-manager")?,
-            scheduler: kube("kube-scheduler")?,
+            etcd: existing(etcd)?,
+            apiserver: existing(bin_dir.join("kube-apiserver"))?,
+            controller_manager: existing(bin_dir.join("kube-controller-manager"))?,
+            scheduler: existing(bin_dir.join("kube-scheduler"))?,
         })
     }
 }
@@ -546,5 +546,23 @@ impl Drop for ControlPlane {
             reaper::stop_std_child(&mut component.child, STOP_GRACE);
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_binary_is_named_with_the_way_to_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = dir.path().join("etcd");
+        fs::write(&etcd, "").unwrap();
+        fs::write(dir.path().join("kube-apiserver"), "").unwrap();
+        let err = Binaries::locate_in(dir.path(), etcd)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kube-controller-manager not found"), "{err}");
+        assert!(err.contains("scripts/setup"), "{err}");
     }
 }

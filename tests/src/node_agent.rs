@@ -696,8 +696,8 @@ impl Inner {
                         stop_open = false;
                         continue;
                     }
-                    outcome.stopped = true;
                     let request = *stop.borrow();
+                    outcome.stopped |= request != Stop::Run;
                     match request {
                         Stop::Run => {}
                         Stop::Delete { grace } => {
@@ -924,10 +924,15 @@ impl StatusBook {
             list.iter()
                 .map(|(name, image, state)| {
                     let running = matches!(state, State::Running { .. });
+                    // A main container is ready while it runs; an init container once it succeeded.
+                    let ready = if ready_when_running {
+                        running
+                    } else {
+                        matches!(state, State::Terminated { code: 0, .. })
+                    };
                     json!({
                         "name": name, "image": image, "imageID": "", "restartCount": 0,
-                        "ready": ready_when_running && running || !ready_when_running && matches!(state, State::Terminated { code: 0, .. }),
-                        "started": running, "state": state.to_json(),
+                        "ready": ready, "started": running, "state": state.to_json(),
                     })
                 })
                 .collect()

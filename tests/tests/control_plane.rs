@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
@@ -431,6 +431,100 @@ async fn a_failed_node_takes_its_pods_with_it() -> Result<()> {
     eprintln!(
         "pod of a failed node removed {:.1?} after the failure",
         began.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn secrets_reach_the_pod_as_env_and_files() -> Result<()> {
+    let cluster = shared_cluster().await?;
+    let client = cluster.client().await?;
+    let ns = create_namespace(&client, "secret").await?;
+    let _logs = cluster.logs_on_failure(&ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let credentials: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "s3"},
+        "stringData": {"AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "very-secret"},
+    }))?;
+    secrets.create(&PostParams::default(), &credentials).await?;
+    let script = "echo \"$AWS_ACCESS_KEY_ID $AWS_SECRET_ACCESS_KEY $ONLY_KEY $(cat /creds/AWS_SECRET_ACCESS_KEY)\"";
+    let pod = sh_pod(
+        "reads-secret",
+        script,
+        json!({
+            "containers": [{
+                "name": "main", "image": "busybox", "command": ["/bin/sh", "-c", script],
+                "envFrom": [{"secretRef": {"name": "s3"}}],
+                "env": [{"name": "ONLY_KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}}}],
+                "volumeMounts": [{"name": "creds", "mountPath": "/creds", "readOnly": true}],
+            }],
+            "volumes": [{"name": "creds", "secret": {"secretName": "s3"}}],
+        }),
+    )?;
+    let pods = pods_api(&client, &ns);
+    pods.create(&PostParams::default(), &pod).await?;
+    wait_phase(&pods, "reads-secret", "Succeeded").await?;
+    assert_eq!(
+        cluster
+            .agent
+            .container_stdout(&ns, "reads-secret", "main")?,
+        "key-id very-secret key-id very-secret\n"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn vissl_command_runs_the_mapped_binary_with_the_config_mount_rewritten() -> Result<()> {
+    let cluster = shared_cluster().await?;
+    let client = cluster.client().await?;
+    let ns = create_namespace(&client, "mapping").await?;
+    let _logs = cluster.logs_on_failure(&ns);
+    // A stand-in for the vissl binary that shows its arguments and the config file they point at.
+    let bin_dir = tempfile::tempdir()?;
+    let fake_vissl = bin_dir.path().join("vissl");
+    std::fs::write(
+        &fake_vissl,
+        "#!/bin/sh\necho \"$1\"\ncat \"${2#config=}\"\n",
+    )?;
+    std::fs::set_permissions(
+        &fake_vissl,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let mut opts = NodeAgentOptions {
+        node_prefix: "vissl-mapping-node".into(),
+        ..NodeAgentOptions::default()
+    };
+    opts.binaries.insert("vissl".into(), fake_vissl);
+    let agent = NodeAgent::start(client.clone(), 1, opts).await?;
+
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let config: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "job-config"},
+        "data": {"config.yaml": "CONFIG:\n  SEED_VALUE: 7\n"},
+    }))?;
+    config_maps.create(&PostParams::default(), &config).await?;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "job-node-0"},
+        "spec": {
+            "restartPolicy": "Never",
+            "nodeSelector": {"kubernetes.io/hostname": agent.node_names()[0]},
+            "containers": [{
+                "name": "trainer", "image": "vissl:test",
+                "command": ["vissl", "train", "config=/etc/vissl/config.yaml"],
+                "volumeMounts": [{"name": "config", "mountPath": "/etc/vissl"}],
+            }],
+            "volumes": [{"name": "config", "configMap": {"name": "job-config"}}],
+        },
+    }))?;
+    let pods = pods_api(&client, &ns);
+    pods.create(&PostParams::default(), &pod).await?;
+    wait_phase(&pods, "job-node-0", "Succeeded").await?;
+    let output = agent.container_stdout(&ns, "job-node-0", "trainer")?;
+    assert_eq!(
+        output,
+        "train\nCONFIG:\n  SEED_VALUE: 7\n",
+        "{}",
+        agent.pod_logs(&ns, "job-node-0", 20)
     );
     Ok(())
 }
