@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
@@ -283,10 +283,10 @@ impl ControlPlane {
                 plane.startup = began.elapsed();
                 Ok(plane)
             }
-            Err(err) => Err(err.context(format!(
-                "starting the control plane\n{}",
+            Err(err) => Err(anyhow!(
+                "starting the control plane: {err:#}\n{}",
                 plane.log_tails(LOG_TAIL_LINES)
-            ))),
+            )),
         }
     }
 
