@@ -1,6 +1,7 @@
 //! The pod status the node agent writes back, in the shape a kubelet gives it.
 
 use std::process::ExitStatus;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::api::{Patch, PatchParams};
@@ -244,17 +245,24 @@ impl StatusBook {
         }})
     }
 
+    /// Writes the status; retried because a lost final status would leave the pod Running for good.
     pub(super) async fn publish(&self, api: &Api<Pod>) {
+        const ATTEMPTS: u32 = 5;
         let patch = Patch::Strategic(self.to_json());
-        if let Err(err) = api
-            .patch_status(&self.name, &PatchParams::default(), &patch)
-            .await
-        {
-            tracing::warn!(
-                "node agent: writing the status of pod {}/{}: {err}",
-                self.namespace,
-                self.name
-            );
+        for attempt in 1..=ATTEMPTS {
+            match api
+                .patch_status(&self.name, &PatchParams::default(), &patch)
+                .await
+            {
+                Ok(_) => return,
+                Err(kube::Error::Api(status)) if status.is_not_found() => return,
+                Err(err) if attempt == ATTEMPTS => tracing::warn!(
+                    "node agent: writing the status of pod {}/{}: {err}",
+                    self.namespace,
+                    self.name
+                ),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200) * attempt).await,
+            }
         }
     }
 }
