@@ -1,0 +1,236 @@
+//! The Helm chart: `helm lint`, `helm template` in each mode, every rendered object accepted by the real API
+//! server (server-side dry run, so schemas and admission run), the chart's CRD equal to the generated one,
+//! RBAC that grants what the operator uses and no more, and the alert rules checked by `promtool`.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, ensure, Context, Result};
+use std::io::Write;
+use vissl_e2e::{create_namespace, repo_root, shared_cluster};
+
+fn helm() -> Result<PathBuf> {
+    let helm = std::env::var_os("VISSL_HELM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("VISSL_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/vissl-rs"));
+            cache.join("helm/v3.22.0/bin/helm")
+        });
+    ensure!(
+        helm.is_file(),
+        "helm not found at {}: run scripts/setup (it builds helm from the Go module proxy)",
+        helm.display()
+    );
+    Ok(helm)
+}
+
+fn chart() -> PathBuf {
+    repo_root().join("charts/vissl-operator")
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `helm template` with `--set` values, as YAML documents.
+fn template(namespace: &str, sets: &[&str]) -> Result<Vec<serde_yaml::Value>> {
+    let mut cmd = Command::new(helm()?);
+    cmd.args(["template", "vissl", "--kube-version", "1.36.3", "--namespace", namespace])
+        .arg(chart());
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    let text = run(cmd, &format!("helm template {sets:?}"))?;
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(doc)?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+use serde::Deserialize;
+
+fn kinds(docs: &[serde_yaml::Value]) -> Vec<String> {
+    let mut kinds: Vec<String> = docs
+        .iter()
+        .filter_map(|d| d["kind"].as_str().map(str::to_string))
+        .collect();
+    kinds.sort();
+    kinds
+}
+
+#[test]
+fn chart_lints_in_every_mode() -> Result<()> {
+    for sets in [
+        vec![],
+        vec!["replicaCount=2", "watchNamespace=research"],
+        vec![
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.trainerPodMonitor.enabled=true",
+            "prometheusRule.enabled=true",
+        ],
+    ] {
+        let mut cmd = Command::new(helm()?);
+        cmd.args(["lint", "--strict", "--kube-version", "1.36.3"]).arg(chart());
+        for set in &sets {
+            cmd.args(["--set", set]);
+        }
+        run(cmd, &format!("helm lint {sets:?}"))?;
+    }
+    // A list of namespaces is refused with a message, not rendered into something half-right.
+    let err = template("ops", &["watchNamespace=a\\,b"]).unwrap_err();
+    assert!(format!("{err:#}").contains("one namespace"), "{err:#}");
+    Ok(())
+}
+
+#[test]
+fn chart_crd_is_the_generated_one() -> Result<()> {
+    let generated = std::fs::read_to_string(repo_root().join("crds/manifests/ssltrainings.vissl.rs.yaml"))?;
+    let shipped = std::fs::read_to_string(chart().join("crds/ssltrainings.vissl.rs.yaml"))?;
+    ensure!(
+        generated == shipped,
+        "charts/vissl-operator/crds/ differs from crds/manifests/: \
+         cp crds/manifests/ssltrainings.vissl.rs.yaml charts/vissl-operator/crds/"
+    );
+    Ok(())
+}
+
+#[test]
+fn rbac_is_cluster_wide_or_namespaced_and_leader_election_only_with_replicas() -> Result<()> {
+    let cluster = template("ops", &[])?;
+    let k = kinds(&cluster);
+    assert!(k.contains(&"ClusterRole".into()) && !k.contains(&"Role".into()), "{k:?}");
+    let namespaced = template("ops", &["watchNamespace=research", "replicaCount=2"])?;
+    let k = kinds(&namespaced);
+    assert!(!k.contains(&"ClusterRole".into()), "{k:?}");
+    let roles: Vec<&serde_yaml::Value> = namespaced
+        .iter()
+        .filter(|d| d["kind"] == "Role")
+        .collect();
+    let role_ns: Vec<&str> = roles
+        .iter()
+        .filter_map(|r| r["metadata"]["namespace"].as_str())
+        .collect();
+    assert!(role_ns.contains(&"research") && role_ns.contains(&"ops"), "{role_ns:?}");
+    let deployment = namespaced
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .context("no Deployment")?;
+    let args: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .context("no args")?
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(args.contains(&"--namespace=research") && args.contains(&"--leader-election"), "{args:?}");
+    // No secrets access, no wildcards.
+    for doc in cluster.iter().chain(&namespaced) {
+        if let Some(rules) = doc["rules"].as_sequence() {
+            for rule in rules {
+                let text = serde_yaml::to_string(rule)?;
+                assert!(!text.contains("secrets") && !text.contains('*'), "{text}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn alert_rules_pass_promtool() -> Result<()> {
+    let docs = template("ops", &["prometheusRule.enabled=true"])?;
+    let rule = docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .context("no PrometheusRule rendered")?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&rule["spec"])?)?;
+    let mut cmd = Command::new("promtool");
+    cmd.args(["check", "rules"]).arg(&file);
+    let out = run(cmd, "promtool check rules")?;
+    assert!(out.contains("4 rules found"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn dashboard_is_json_and_queries_only_metrics_that_exist() -> Result<()> {
+    let text = std::fs::read_to_string(chart().join("dashboards/vissl.json"))?;
+    let dashboard: serde_json::Value = serde_json::from_str(&text)?;
+    let sources = [
+        std::fs::read_to_string(repo_root().join("trainer/src/metrics/mod.rs"))?,
+        std::fs::read_to_string(repo_root().join("operator/src/metrics.rs"))?,
+    ]
+    .concat();
+    let panels = dashboard["panels"].as_array().context("no panels")?;
+    assert!(panels.len() >= 8);
+    for panel in panels {
+        for target in panel["targets"].as_array().context("panel without targets")? {
+            let expr = target["expr"].as_str().context("target without expr")?;
+            for word in expr.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
+                let metric = word
+                    .trim_end_matches("_bucket")
+                    .trim_end_matches("_count")
+                    .trim_end_matches("_sum");
+                if metric.starts_with("vissl_") && !sources.contains(&format!("\"{metric}\"")) {
+                    bail!("panel {:?} queries {metric}, which no code exports", panel["title"]);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn rendered_objects_pass_server_side_dry_run_on_the_real_api_server() -> Result<()> {
+    let cluster = shared_cluster().await?;
+    let client = cluster.client().await?;
+    let namespace = create_namespace(&client, "chart").await?;
+    // The chart's CRD first (helm installs crds/ before templates), then every mode's objects.
+    let mut cmd = cluster.control_plane.kubectl()?;
+    cmd.args(["apply", "--server-side", "-f"]).arg(chart().join("crds"));
+    run(cmd, "kubectl apply of the chart's CRD")?;
+    for sets in [vec![], vec!["replicaCount=3", "watchNamespace=default"]] {
+        let docs = template(&namespace, &sets)?;
+        let yaml = docs
+            .iter()
+            .map(serde_yaml::to_string)
+            .collect::<Result<Vec<_>, _>>()?
+            .join("---\n");
+        let mut cmd = cluster.control_plane.kubectl()?;
+        cmd.args(["apply", "--dry-run=server", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        child
+            .stdin
+            .take()
+            .context("no stdin")?
+            .write_all(yaml.as_bytes())?;
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "the API server refused the chart rendered with {sets:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        for kind in ["deployment.apps", "service", "serviceaccount"] {
+            assert!(said.contains(kind), "{kind} missing from: {said}");
+        }
+    }
+    Ok(())
+}
