@@ -14,3 +14,10 @@ pub mod telemetry;
 pub mod training;
 
 pub use error::{Error, Result};
+
+/// Selects rustls' ring provider for the process (idempotent). A workspace build can enable both of
+/// rustls' providers through other crates, and rustls then refuses to choose one by itself.
+pub fn install_crypto_provider() {
+    // An Err means a provider is installed already, which is all this needs.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

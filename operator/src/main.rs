@@ -2,5 +2,6 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    vissl_operator::install_crypto_provider();
     vissl_operator::cli::main().await
 }

@@ -449,6 +449,9 @@ impl ControlPlane {
     /// A new client for the admin user (system:masters). Make one per tokio runtime: a client is bound to
     /// the runtime it was created on.
     pub async fn client(&self) -> Result<Client> {
+        // Built with the rest of the workspace, rustls has both of its crypto providers and will not pick one
+        // by itself; an Err means one is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)
             .with_context(|| format!("reading {}", self.kubeconfig.display()))?;
         let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
