@@ -8,7 +8,6 @@
 
 #[path = "reference/harness.rs"]
 mod harness;
-mod method_common;
 #[path = "reference/simulated_world.rs"]
 mod simulated_world;
 
@@ -426,12 +425,31 @@ fn dino_head_names_and_frozen_prototype_norms() {
 }
 
 #[test]
-fn a_short_run_resumes_exactly() {
-    method_common::assert_exact_resume(
-        "pretrain/dino/quick_cpu_fmnist",
-        // Stochastic depth draws from libtorch's generator, which checkpoints do not hold yet
-        // (the engine's matter, as for dropout); without it the run is deterministic.
-        &["config.MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE=0.0"],
-        &["center", "momentum_teacher.trunk."],
+fn a_weight_decay_schedule_sets_the_regularized_groups_only() {
+    use vissl_trainer::optim::{GroupKind, NamedParam, Optimizer, OptimizerParams};
+    let (_vs, model) = tiny_vit(0.0).unwrap();
+    let build = |yaml: &str| {
+        let cfg = OptimizerParams::from_yaml(&serde_yaml::from_str(yaml).unwrap()).unwrap();
+        Optimizer::new(NamedParam::trainable(model.trainable_parameters()), &cfg).unwrap()
+    };
+    let decay_of = |opt: &Optimizer, kind: GroupKind| {
+        opt.param_groups()
+            .iter()
+            .find(|g| g.kind == kind)
+            .map(|g| g.weight_decay)
+            .unwrap_or_else(|| panic!("a {kind:?} group"))
+    };
+    let mut opt = build("{name: adamw, weight_decay: 0.04, num_epochs: 1}");
+    opt.set_weight_decay(0.4);
+    assert_eq!(decay_of(&opt, GroupKind::TrunkRegularized), 0.4);
+    assert_eq!(decay_of(&opt, GroupKind::HeadRegularized), 0.4);
+    assert_eq!(decay_of(&opt, GroupKind::TrunkUnregularized), 0.0);
+
+    let mut own_head = build(
+        "{name: adamw, weight_decay: 0.04, num_epochs: 1, head_optimizer_params: \
+         {use_different_lr: false, use_different_wd: true, weight_decay: 0.1}}",
     );
+    own_head.set_weight_decay(0.4);
+    assert_eq!(decay_of(&own_head, GroupKind::TrunkRegularized), 0.4);
+    assert_eq!(decay_of(&own_head, GroupKind::HeadRegularized), 0.1);
 }

@@ -7,7 +7,6 @@
 
 #[path = "reference/harness.rs"]
 mod harness;
-mod method_common;
 
 use harness::{assert_close, from_json, run_reference, to_json, uniform};
 use serde_json::json;
@@ -246,13 +245,4 @@ fn a_training_step_encodes_keys_with_the_momentum_encoder_and_state_round_trips(
         .forward_step(&query, &target, &step(&model, &crops[..1], 2))
         .unwrap_err();
     assert!(err.to_string().contains("moco_collator"), "{err}");
-}
-
-#[test]
-fn a_short_run_resumes_exactly() {
-    method_common::assert_exact_resume(
-        "pretrain/moco/quick_cpu_fmnist",
-        &["config.LOSS.moco_loss.queue_size=64"],
-        &["queue", "queue_ptr", "moco_encoder.trunk."],
-    );
 }
