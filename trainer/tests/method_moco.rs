@@ -13,7 +13,7 @@ use serde_json::json;
 use std::sync::Arc;
 use tch::{nn, Device, Kind, Tensor};
 use vissl_trainer::losses::moco_loss::{MocoLoss, MocoParams};
-use vissl_trainer::losses::{build_loss, l2_normalize_rows, Loss, LossContext, StepContext};
+use vissl_trainer::losses::{build_loss, l2_normalize_rows, LossContext, StepContext};
 use vissl_trainer::models::{BaseSslModel, ModelParams};
 
 const TEMPERATURE: f64 = 0.2;
