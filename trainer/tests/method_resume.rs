@@ -36,7 +36,7 @@ fn moco_resumes_exactly_with_its_queue_and_key_encoder() {
 fn dino_resumes_exactly_with_its_center_and_teacher() {
     let _serial = serial();
     method_common::assert_exact_resume(
-        "pretrain/dino/quick_cpu_fmnist",
+        "pretrain/dino/quick_cpu_fmnist_vit",
         // Stochastic depth draws from libtorch's generator, which checkpoints do not hold yet
         // (the engine's matter, as for dropout); without it the run is deterministic.
         &["config.MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE=0.0"],
