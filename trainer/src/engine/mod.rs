@@ -80,6 +80,8 @@ pub struct Task {
     pub optimizer: Optimizer,
     lr_schedule: Box<dyn ParamScheduler>,
     lr_head_schedule: Box<dyn ParamScheduler>,
+    /// `param_schedulers.weight_decay`, when the config schedules it (DINO).
+    weight_decay_schedule: Option<Box<dyn ParamScheduler>>,
     pub train_data: SplitPipeline,
     pub test_data: Option<SplitPipeline>,
     pub phase: Phase,
@@ -259,6 +261,16 @@ impl Task {
             "OPTIMIZER.param_schedulers.lr_head",
             config.optimizer.num_epochs,
         )?;
+        let weight_decay_schedule = schedules
+            .others
+            .get("weight_decay")
+            .map(|s| {
+                s.build(
+                    "OPTIMIZER.param_schedulers.weight_decay",
+                    config.optimizer.num_epochs,
+                )
+            })
+            .transpose()?;
         let catalog = default_configs_root().join("dataset_catalog.json");
         let (world, rank) = session
             .as_ref()
@@ -319,6 +331,7 @@ impl Task {
             optimizer,
             lr_schedule,
             lr_head_schedule,
+            weight_decay_schedule,
             train_data,
             test_data,
             phase: Phase::Train,
@@ -377,6 +390,10 @@ impl Task {
         self.lr_head = self
             .lr_head_schedule
             .value(self.schedule_where(self.lr_head_schedule.as_ref()));
+        if let Some(schedule) = &self.weight_decay_schedule {
+            let weight_decay = schedule.value(self.schedule_where(schedule.as_ref()));
+            self.optimizer.set_weight_decay(weight_decay);
+        }
     }
 
     /// Everything a checkpoint holds, grouped by file, as CPU copies that training no longer touches.

@@ -6,9 +6,12 @@
 //! Contrastive losses that look at the embeddings of every rank get a [`LossContext`] with the rank
 //! and a gather function, so the distributed engine only has to supply a different gather.
 
+pub mod barlow_twins_loss;
 pub mod cross_entropy_loss;
 pub mod cross_entropy_multiple_output_single_target;
+pub mod dino_loss;
 pub mod info_nce;
+pub mod moco_loss;
 pub mod momentum_encoder;
 pub mod multicrop_simclr_info_nce_loss;
 pub mod simclr_info_nce_loss;
@@ -213,6 +216,9 @@ pub type LossConstructor = fn(&serde_yaml::Value, LossContext) -> Result<Box<dyn
 
 /// Every loss by its VISSL name (`LOSS.name`), including PyTorch losses by exact class name.
 pub const REGISTRY: &[(&str, LossConstructor)] = &[
+    (barlow_twins_loss::NAME, barlow_twins_loss::build),
+    (dino_loss::NAME, dino_loss::build),
+    (moco_loss::NAME, moco_loss::build),
     (cross_entropy_loss::NAME, cross_entropy_loss::build),
     (
         cross_entropy_multiple_output_single_target::NAME,

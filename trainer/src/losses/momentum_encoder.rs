@@ -26,6 +26,11 @@ impl MomentumEncoder {
     /// Builds the copy (random weights until [`MomentumEncoder::init_from`] or a loaded state).
     pub fn new(ctx: &LossContext, loss: &'static str) -> Result<Self> {
         let (vs, model) = ctx.build_model_copy(loss)?;
+        Ok(Self::from_model(vs, model, loss))
+    }
+
+    /// Wraps a model the loss built itself (DINO's teacher, built without stochastic depth).
+    pub fn from_model(vs: nn::VarStore, model: BaseSslModel, loss: &'static str) -> Self {
         let mut names: Vec<String> = model
             .named_variables()
             .into_iter()
@@ -36,13 +41,13 @@ impl MomentumEncoder {
             // No gradients ever reach the copy; without this, its forward would build a graph.
             let _ = t.set_requires_grad(false);
         }
-        Ok(Self {
+        Self {
             _vs: vs,
             model,
             names,
             loss,
             initialised: false,
-        })
+        }
     }
 
     /// The copy's model (eval or train mode is chosen per forward).

@@ -146,6 +146,7 @@ pub struct Optimizer {
     rule: Box<dyn UpdateRule>,
     larc: Option<LarcConfig>,
     head_uses_own_lr: bool,
+    head_uses_own_wd: bool,
 }
 
 impl Optimizer {
@@ -172,6 +173,7 @@ impl Optimizer {
             params,
             larc: cfg.use_larc.then_some(cfg.larc_config),
             head_uses_own_lr: cfg.head_optimizer_params.use_different_lr,
+            head_uses_own_wd: cfg.head_optimizer_params.use_different_wd,
         })
     }
 
@@ -214,6 +216,24 @@ impl Optimizer {
             }
         }
         Ok(())
+    }
+
+    /// Sets the weight decay of the regularized groups (`param_schedulers.weight_decay`, DINO's
+    /// cosine schedule); groups without decay keep none, and the heads keep their own value when
+    /// `head_optimizer_params.use_different_wd`.
+    pub fn set_weight_decay(&mut self, weight_decay: f64) {
+        for group in &mut self.groups {
+            let follows = match group.kind {
+                GroupKind::TrunkRegularized | GroupKind::RemainingRegularized | GroupKind::All => {
+                    true
+                }
+                GroupKind::HeadRegularized => !self.head_uses_own_wd,
+                _ => false,
+            };
+            if follows {
+                group.weight_decay = weight_decay;
+            }
+        }
     }
 
     /// Zeroes the gradient of every parameter.

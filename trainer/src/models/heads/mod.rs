@@ -6,6 +6,7 @@
 //! `heads.<i>` (a single module) or `heads.<i>.<j>` (module `j` of a sequence), as in VISSL.
 //! Kwargs are checked when the config is read, so a bad head fails before anything runs.
 
+pub mod dino_head;
 pub mod identity;
 pub mod linear_eval_mlp;
 pub mod mlp;
@@ -100,6 +101,7 @@ const HEADS: &[(&str, HeadParser)] = &[
     ("mlp", mlp::parse),
     ("eval_mlp", linear_eval_mlp::parse),
     ("identity", identity::parse),
+    ("dino_head", dino_head::parse),
 ];
 
 /// The registered head names.

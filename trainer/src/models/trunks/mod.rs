@@ -2,11 +2,13 @@
 //! names to constructors.
 
 pub mod resnext;
+pub mod vision_transformer;
 
 use super::yaml::Block;
 use super::{ModelError, Result};
 use resnext::{ResNet, ResNetParams};
 use tch::{nn, Tensor};
+use vision_transformer::{VisionTransformer, VisionTransformerParams};
 
 /// What a trunk feature looks like, known without running the model; used to check heads at build time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +89,8 @@ pub struct TrunkParams {
     pub input_type: InputType,
     /// `RESNETS` (also read from VISSL's older `TRUNK_PARAMS.RESNETS`).
     pub resnets: ResNetParams,
+    /// `VISION_TRANSFORMERS`.
+    pub vision_transformers: VisionTransformerParams,
 }
 
 impl Default for TrunkParams {
@@ -95,6 +99,7 @@ impl Default for TrunkParams {
             name: "resnet".into(),
             input_type: InputType::Rgb,
             resnets: ResNetParams::default(),
+            vision_transformers: VisionTransformerParams::default(),
         }
     }
 }
@@ -106,7 +111,6 @@ const OTHER_TRUNK_BLOCKS: &[&str] = &[
     "EFFICIENT_NETS",
     "MOBILE_NET",
     "REGNET",
-    "VISION_TRANSFORMERS",
     "XCIT",
     "SWIN_TRANSFORMER",
     "BEIT",
@@ -118,7 +122,7 @@ impl TrunkParams {
     /// Reads a `MODEL.TRUNK` block; `path` is where it sits (for messages).
     pub fn from_yaml(path: &str, trunk: &serde_yaml::Value, input_type: InputType) -> Result<Self> {
         let block = Block::new(path, trunk)?;
-        let mut known = vec!["NAME", "RESNETS", "TRUNK_PARAMS"];
+        let mut known = vec!["NAME", "RESNETS", "VISION_TRANSFORMERS", "TRUNK_PARAMS"];
         known.extend_from_slice(OTHER_TRUNK_BLOCKS);
         block.check_keys(&known)?;
         let name = block.string("NAME", "resnet")?;
@@ -147,10 +151,17 @@ impl TrunkParams {
             (None, Some(v)) => ResNetParams::from_yaml_at(&legacy.key_path("RESNETS"), v)?,
             (None, None) => ResNetParams::default(),
         };
+        let vision_transformers = match block.get("VISION_TRANSFORMERS") {
+            Some(v) => {
+                VisionTransformerParams::from_yaml_at(&block.key_path("VISION_TRANSFORMERS"), v)?
+            }
+            None => VisionTransformerParams::default(),
+        };
         Ok(TrunkParams {
             name,
             input_type,
             resnets,
+            vision_transformers,
         })
     }
 }
@@ -165,8 +176,19 @@ fn build_resnet(p: nn::Path, params: &TrunkParams) -> Result<Box<dyn Trunk>> {
     )?))
 }
 
+fn build_vision_transformer(p: nn::Path, params: &TrunkParams) -> Result<Box<dyn Trunk>> {
+    Ok(Box::new(VisionTransformer::new(
+        p,
+        &params.vision_transformers,
+        params.input_type,
+    )?))
+}
+
 /// The trunk registry: VISSL name -> constructor.
-const TRUNKS: &[(&str, TrunkBuilder)] = &[("resnet", build_resnet)];
+const TRUNKS: &[(&str, TrunkBuilder)] = &[
+    ("resnet", build_resnet),
+    ("vision_transformer", build_vision_transformer),
+];
 
 /// The registered trunk names.
 pub fn trunk_names() -> Vec<&'static str> {
