@@ -149,9 +149,11 @@ pub fn names(kind: Kind) -> &'static [&'static str] {
             "multicrop_simclr_info_nce_loss",
             "CrossEntropyLoss",
             "cross_entropy_multiple_output_single_target",
+            "swav_loss",
+            "deepclusterv2_loss",
         ],
         Kind::Trunks => &["resnet"],
-        Kind::Heads => &["mlp", "eval_mlp", "identity"],
+        Kind::Heads => &["mlp", "eval_mlp", "identity", "swav_head"],
         Kind::Transforms => &[
             "RandomResizedCrop",
             "RandomCrop",

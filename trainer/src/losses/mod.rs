@@ -12,6 +12,8 @@ pub mod info_nce;
 pub mod momentum_encoder;
 pub mod multicrop_simclr_info_nce_loss;
 pub mod simclr_info_nce_loss;
+pub mod sinkhorn;
+pub mod swav_loss;
 
 use crate::models::BaseSslModel;
 use serde::de::DeserializeOwned;
@@ -22,6 +24,7 @@ pub use cross_entropy_loss::CrossEntropyLoss;
 pub use cross_entropy_multiple_output_single_target::CrossEntropyMultipleOutputSingleTargetLoss;
 pub use multicrop_simclr_info_nce_loss::MultiCropSimclrInfoNceLoss;
 pub use simclr_info_nce_loss::SimclrInfoNceLoss;
+pub use swav_loss::SwavLoss;
 
 /// Errors of building or evaluating a loss; each names the loss or the config key.
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +226,7 @@ pub const REGISTRY: &[(&str, LossConstructor)] = &[
         multicrop_simclr_info_nce_loss::build,
     ),
     (simclr_info_nce_loss::NAME, simclr_info_nce_loss::build),
+    (swav_loss::NAME, swav_loss::build),
 ];
 
 /// The names `LOSS.name` accepts.
