@@ -150,6 +150,7 @@ pub fn names(kind: Kind) -> &'static [&'static str] {
             "CrossEntropyLoss",
             "cross_entropy_multiple_output_single_target",
             "swav_loss",
+            "swav_momentum_loss",
             "deepclusterv2_loss",
         ],
         Kind::Trunks => &["resnet"],

@@ -241,7 +241,12 @@ fn config(dir: &Path) -> Config {
     load(&LoadOptions::default(), &args).expect("test config loads")
 }
 
+/// Training runs seed libtorch's global generator and draw the model's weights from it, so
+/// runs of parallel tests in this binary take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run(config: Config, stop_after: Option<u64>) -> RunSummary {
+    let _turn = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     Trainer::new(
         config,
         RunOptions {

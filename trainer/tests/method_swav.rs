@@ -16,13 +16,15 @@ use harness::{assert_close, from_json, run_reference, to_json, uniform};
 use serde_json::{json, Value};
 use simulated_world::run_world;
 use std::path::Path;
+use std::sync::Arc;
 use tch::{Kind, Tensor};
 use vissl_crds::config::{load, Config, LoadOptions};
 use vissl_trainer::checkpoint;
 use vissl_trainer::engine::{RunOptions, RunSummary, Trainer};
 use vissl_trainer::losses::sinkhorn::{self, SinkhornSettings};
 use vissl_trainer::losses::swav_loss::{QueueParams, SwavCriterion, SwavLossParams};
-use vissl_trainer::losses::{build_loss, LossContext};
+use vissl_trainer::losses::swav_momentum_loss::{SwavMomentumLoss, SwavMomentumLossParams};
+use vissl_trainer::losses::{build_loss, Loss, LossContext, ModelFactory, StepContext, SwavLoss};
 use vissl_trainer::models::{BaseSslModel, ModelParams};
 
 #[derive(Clone)]
@@ -116,7 +118,7 @@ fn run_ranks(case: &Case) -> Vec<RankStep> {
             (case.kind(), tch::Device::Cpu),
         );
         let loss = criterion
-            .step(&embedding, &scores, &scores, None)
+            .step(&embedding, &scores, None, None)
             .expect("loss");
         loss.backward();
         RankStep {
@@ -276,7 +278,7 @@ fn two_ranks_match_numpy_and_one_rank_with_all_images() {
                     (one.kind(), tch::Device::Cpu),
                 );
                 criterion
-                    .step(&embedding, &joined, &joined, None)
+                    .step(&embedding, &joined, None, None)
                     .expect("loss")
                     .double_value(&[])
             }
@@ -460,7 +462,14 @@ fn config(dir: &Path, extra: &[&str]) -> Config {
     load(&LoadOptions::default(), &args).expect("test config loads")
 }
 
+/// Training runs seed libtorch's global generator and draw the model's weights from it, so
+/// runs of parallel tests in this binary take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run(config: Config, stop_after: Option<u64>) -> RunSummary {
+    let _turn = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     Trainer::new(
         config,
         RunOptions {
@@ -545,4 +554,124 @@ fn resumed_runs_with_the_queue_equal_a_straight_run_bitwise() {
         .map(|(n, _)| n)
         .collect();
     assert_eq!(names, ["local_emb_queue", "local_queue0", "num_iteration"]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// swav_momentum_loss
+
+fn momentum_args(extra: &[&'static str]) -> Vec<&'static str> {
+    let mut args = vec![
+        "config.LOSS.name=swav_momentum_loss",
+        "config.LOSS.swav_momentum_loss.queue.queue_length=32",
+        "config.LOSS.swav_momentum_loss.queue.start_iter=2",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn momentum_codes_equal_the_models_at_the_first_step() {
+    // At the first step the encoder is a copy of the model; in training mode, with the two crops
+    // it assigns being all the crops, it sees the model's batch, so its codes and the loss are
+    // plain SwAV's. (With small crops too, the model's head batch norm would also see those.)
+    const HEADS: &str =
+        r#"[["swav_head", {dims: [32, 16, 8], use_bn: true, num_clusters: [5, 3]}]]"#;
+    let (_vs, model) = swav_model(HEADS);
+    let factory: ModelFactory = Arc::new(|| Ok(swav_model(HEADS)));
+    let mut momentum = SwavMomentumLoss::new(
+        &SwavMomentumLossParams {
+            embedding_dim: 8,
+            num_prototypes: vec![5, 3],
+            momentum_eval_mode_iter_start: 100,
+            ..SwavMomentumLossParams::default()
+        },
+        LossContext::single_process().with_model_factory(factory),
+    )
+    .unwrap();
+    let mut plain = SwavLoss::new(
+        &SwavLossParams {
+            embedding_dim: 8,
+            num_prototypes: vec![5, 3],
+            ..SwavLossParams::default()
+        },
+        LossContext::single_process(),
+    )
+    .unwrap();
+    let crops = [
+        uniform(&[6, 3, 28, 28], 1, Kind::Float),
+        uniform(&[6, 3, 28, 28], 2, Kind::Float),
+    ];
+    let outputs = model.forward_multi_res(&crops, true).unwrap();
+    let step = StepContext {
+        model: &model,
+        crops: &crops,
+        iteration: 0,
+        epoch: 0,
+        iterations_per_epoch: 1,
+        num_epochs: 1,
+        train: true,
+    };
+    let target = Tensor::zeros([0], (Kind::Int64, tch::Device::Cpu));
+    let a = plain.forward(&outputs, &target).unwrap().double_value(&[]);
+    let b = momentum
+        .forward_step(&outputs, &target, &step)
+        .unwrap()
+        .double_value(&[]);
+    assert!(
+        (a - b).abs() <= 1e-6 * a.abs(),
+        "swav {a} vs swav_momentum {b}"
+    );
+    assert!(momentum.encoder().is_initialised());
+    // Without the step (no model, no crops) the loss cannot run.
+    let err = momentum.forward(&outputs, &target).unwrap_err().to_string();
+    assert!(err.contains("forward_step"), "{err}");
+}
+
+#[test]
+fn momentum_runs_resume_bitwise_with_encoder_and_queue() {
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = run(config(straight_dir.path(), &momentum_args(&[])), None);
+    assert_eq!(straight.iterations, 8);
+    let resumed_dir = tempfile::tempdir().unwrap();
+    let first = run(config(resumed_dir.path(), &momentum_args(&[])), Some(3));
+    let second = run(config(resumed_dir.path(), &momentum_args(&[])), None);
+    let resumed: Vec<(u64, f64)> = [first.losses, second.losses].concat();
+    assert_eq!(
+        resumed, straight.losses,
+        "per-iteration losses must match bitwise"
+    );
+    for group in ["model", "loss"] {
+        let (a, b) = (
+            latest_group(straight_dir.path(), group),
+            latest_group(resumed_dir.path(), group),
+        );
+        assert_eq!(a.len(), b.len(), "{group}");
+        for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+            assert_eq!(na, nb);
+            assert!(ta.equal(tb), "{group} tensor {na} differs after resume");
+        }
+    }
+    let state = latest_group(straight_dir.path(), "loss");
+    let encoder = state
+        .iter()
+        .find(|(n, _)| n == "momentum_encoder.heads.0.prototypes0.weight")
+        .expect("encoder in the loss state")
+        .1
+        .shallow_clone();
+    let model = latest_group(straight_dir.path(), "model")
+        .into_iter()
+        .find(|(n, _)| n == "heads.0.prototypes0.weight")
+        .unwrap()
+        .1;
+    // The encoder trails the model: normalised, close, but not equal.
+    let norms = encoder.norm_scalaropt_dim(2.0, [1i64], false);
+    assert_close(
+        "unit encoder prototypes",
+        &norms,
+        &norms.ones_like(),
+        0.0,
+        1e-6,
+    );
+    let gap = (&encoder - &model).abs().max().double_value(&[]);
+    assert!(gap > 0.0 && gap < 0.5, "encoder-model gap {gap}");
 }

@@ -87,17 +87,10 @@ fn nearest(memory: &Tensor, centroids: &Tensor) -> Result<Tensor> {
 /// The first `k` entries of a permutation of `0..n` drawn from `seed` (Fisher-Yates with
 /// splitmix64), independent of libtorch's generator so that resumed runs draw the same rows.
 pub fn first_of_permutation(n: usize, k: usize, seed: u64) -> Vec<usize> {
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut rng = super::seeded::SplitMix64::new(seed);
     let mut order: Vec<usize> = (0..n).collect();
     for i in 0..k.min(n) {
-        let j = i + (next() % (n - i) as u64) as usize;
+        let j = i + (rng.next_u64() % (n - i) as u64) as usize;
         order.swap(i, j);
     }
     order.truncate(k.min(n));

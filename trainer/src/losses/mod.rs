@@ -13,9 +13,11 @@ pub mod info_nce;
 pub mod kmeans;
 pub mod momentum_encoder;
 pub mod multicrop_simclr_info_nce_loss;
+pub mod seeded;
 pub mod simclr_info_nce_loss;
 pub mod sinkhorn;
 pub mod swav_loss;
+pub mod swav_momentum_loss;
 
 use crate::models::BaseSslModel;
 use serde::de::DeserializeOwned;
@@ -242,6 +244,7 @@ pub const REGISTRY: &[(&str, LossConstructor)] = &[
     ),
     (simclr_info_nce_loss::NAME, simclr_info_nce_loss::build),
     (swav_loss::NAME, swav_loss::build),
+    (swav_momentum_loss::NAME, swav_momentum_loss::build),
 ];
 
 /// The names `LOSS.name` accepts.

@@ -13,8 +13,9 @@
 //! iterations (`freeze_prototypes_niters`).
 
 use serde::Deserialize;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
+use super::seeded::SplitMix64;
 use super::sinkhorn::{self, SinkhornSettings};
 use super::{
     config_error, l2_normalize_rows, parse_params, Loss, LossContext, LossError, Result,
@@ -24,6 +25,9 @@ use crate::models::BaseSslModel;
 
 /// The registry name.
 pub const NAME: &str = "swav_loss";
+
+/// Seed of the queue's start values (xored with the rank).
+const QUEUE_SEED: u64 = 0x5EA5_0000_5A5A;
 
 /// `LOSS.swav_loss.queue`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
@@ -145,6 +149,16 @@ impl SwavLossParams {
     }
 }
 
+/// What the codes of a step are computed from, rows of the `crops_for_assign` crops only, in
+/// their order (`crops_for_assign x images`): plain SwAV takes them from the model's own outputs,
+/// `swav_momentum_loss` from its momentum encoder's.
+pub struct CodeInputs {
+    /// The embeddings of those rows (they enter the queue).
+    pub embedding: Tensor,
+    /// Per set of prototypes, the scores of those rows.
+    pub scores: Vec<Tensor>,
+}
+
 /// The swapped-prediction criterion with its queue: shared by `swav_loss` and
 /// `swav_momentum_loss` (which takes the codes from its momentum encoder's scores).
 pub struct SwavCriterion {
@@ -157,6 +171,9 @@ pub struct SwavCriterion {
     embedding_queue: Option<Tensor>,
     /// Their scores per set of prototypes: `crops_for_assign x local_queue_length x K_j`.
     score_queues: Vec<Tensor>,
+    /// Recompute the queue's scores at every forward that uses the queue (`swav_momentum_loss`)
+    /// instead of after a forward that used it (VISSL's SwAV hook order).
+    refresh_when_in_use: bool,
 }
 
 impl SwavCriterion {
@@ -166,27 +183,20 @@ impl SwavCriterion {
         let assign = params.crops_for_assign.len() as i64;
         let length = params.queue.local_queue_length as i64;
         let (embedding_queue, score_queues) = if length > 0 {
-            // VISSL's start values: scores uniform in [-1, 1), embeddings in +-1/sqrt(dim / 3).
+            // VISSL's start values: scores uniform in [-1, 1), embeddings in +-1/sqrt(dim / 3);
+            // drawn from a generator of their own, seeded by the rank, so resumed runs agree.
             let bound = 1.0 / (params.embedding_dim as f64 / 3.0).sqrt();
-            let embeddings = Tensor::f_rand(
-                [assign, length, params.embedding_dim as i64],
-                (Kind::Float, tch::Device::Cpu),
-            )?
-            .f_mul_scalar(2.0 * bound)?
-            .f_sub_scalar(bound)?;
-            let scores =
-                params
-                    .num_prototypes
-                    .iter()
-                    .map(|&k| {
-                        Ok(Tensor::f_rand(
-                            [assign, length, k as i64],
-                            (Kind::Float, tch::Device::Cpu),
-                        )?
-                        .f_mul_scalar(2.0)?
-                        .f_sub_scalar(1.0)?)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+            let mut rng = SplitMix64::new(QUEUE_SEED ^ ctx.rank as u64);
+            let embeddings = rng.uniform(
+                &[assign, length, params.embedding_dim as i64],
+                -bound,
+                bound,
+            )?;
+            let scores = params
+                .num_prototypes
+                .iter()
+                .map(|&k| rng.uniform(&[assign, length, k as i64], -1.0, 1.0))
+                .collect::<Result<Vec<_>, _>>()?;
             (Some(embeddings), scores)
         } else {
             (None, Vec::new())
@@ -198,7 +208,14 @@ impl SwavCriterion {
             num_iteration: 0,
             embedding_queue,
             score_queues,
+            refresh_when_in_use: false,
         })
+    }
+
+    /// The same criterion refreshing the queue's scores at every forward that uses the queue.
+    pub fn refreshing_queue_when_in_use(mut self) -> Self {
+        self.refresh_when_in_use = true;
+        self
     }
 
     /// The parameters.
@@ -216,9 +233,13 @@ impl SwavCriterion {
         self.embedding_queue.is_some() && self.num_iteration >= self.params.queue.start_iter
     }
 
-    /// Whether the queue's scores are recomputed before this forward: VISSL does it in the
+    /// Whether the queue's scores are recomputed before this forward (the caller then passes the
+    /// prototypes to [`SwavCriterion::step`]): VISSL does it in the
     /// forward hook only once the previous forward used the queue.
-    fn queue_scores_due(&self) -> bool {
+    pub fn queue_scores_due(&self) -> bool {
+        if self.refresh_when_in_use {
+            return self.queue_in_use();
+        }
         self.embedding_queue.is_some()
             && self.num_iteration > 0
             && self.num_iteration > self.params.queue.start_iter
@@ -238,17 +259,26 @@ impl SwavCriterion {
     }
 
     /// The loss of one step: `embedding` (`crops x images` rows) and, per set of prototypes, the
-    /// predicting scores and the scores the codes come from (the same tensor for plain SwAV).
-    /// Advances the iteration counter and, once the queue runs, pushes the embeddings into it.
+    /// predicting scores; the codes come from `codes` (`None`: from these outputs' assigning
+    /// crops). Advances the iteration counter and, once the queue runs, pushes the code rows'
+    /// embeddings into it.
     pub fn step(
         &mut self,
         embedding: &Tensor,
         predicting: &[Tensor],
-        assigning: &[Tensor],
+        codes: Option<&CodeInputs>,
         prototypes: Option<&[Tensor]>,
     ) -> Result<Tensor> {
         self.check_outputs(embedding, predicting)?;
-        self.check_outputs(embedding, assigning)?;
+        let own;
+        let codes = match codes {
+            Some(codes) => codes,
+            None => {
+                own = self.own_code_inputs(embedding, predicting)?;
+                &own
+            }
+        };
+        self.check_code_inputs(embedding, codes)?;
         self.move_queue_to(embedding.device())?;
         if self.queue_scores_due() {
             let prototypes = prototypes.ok_or_else(|| {
@@ -260,7 +290,7 @@ impl SwavCriterion {
         }
         let use_queue = self.queue_in_use();
         let mut total: Option<Tensor> = None;
-        for (head, (scores, codes_from)) in predicting.iter().zip(assigning).enumerate() {
+        for (head, (scores, codes_from)) in predicting.iter().zip(&codes.scores).enumerate() {
             let queue = if use_queue {
                 Some(self.score_queues[head].shallow_clone())
             } else {
@@ -277,9 +307,57 @@ impl SwavCriterion {
             .f_div_scalar(predicting.len() as f64)?;
         self.num_iteration += 1;
         if use_queue {
-            self.push_embeddings(embedding)?;
+            self.push_embeddings(&codes.embedding)?;
         }
         Ok(total)
+    }
+
+    /// The assigning crops' rows of the model's own outputs.
+    fn own_code_inputs(&self, embedding: &Tensor, scores: &[Tensor]) -> Result<CodeInputs> {
+        let images = embedding.size()[0] / self.params.num_crops as i64;
+        let rows = |t: &Tensor| -> Result<Tensor> {
+            let parts = self
+                .params
+                .crops_for_assign
+                .iter()
+                .map(|&c| Ok(t.f_detach()?.f_narrow(0, c as i64 * images, images)?))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::f_cat(&parts, 0)?)
+        };
+        Ok(CodeInputs {
+            embedding: rows(embedding)?,
+            scores: scores.iter().map(rows).collect::<Result<_>>()?,
+        })
+    }
+
+    fn check_code_inputs(&self, embedding: &Tensor, codes: &CodeInputs) -> Result<()> {
+        let images = embedding.size()[0] / self.params.num_crops as i64;
+        let rows = images * self.params.crops_for_assign.len() as i64;
+        let dim = self.params.embedding_dim as i64;
+        if codes.embedding.size() != [rows, dim]
+            || codes.scores.len() != self.params.num_prototypes.len()
+        {
+            return Err(self.input_error(format!(
+                "code inputs: expected an embedding of [{rows}, {dim}] and {} score matrices, got {:?} and {}",
+                self.params.num_prototypes.len(),
+                codes.embedding.size(),
+                codes.scores.len()
+            )));
+        }
+        for (j, (s, &k)) in codes
+            .scores
+            .iter()
+            .zip(&self.params.num_prototypes)
+            .enumerate()
+        {
+            if s.size() != [rows, k as i64] {
+                return Err(self.input_error(format!(
+                    "code scores {j}: expected [{rows}, {k}], got {:?}",
+                    s.size()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Swapped prediction for one set of prototypes.
@@ -300,7 +378,7 @@ impl SwavCriterion {
             let codes = {
                 let _guard = tch::no_grad_guard();
                 let mut own = codes_from
-                    .f_narrow(0, crop as i64 * images, images)?
+                    .f_narrow(0, slot as i64 * images, images)?
                     .f_detach()?;
                 if let Some(queue) = queue {
                     own = Tensor::f_cat(
@@ -366,13 +444,13 @@ impl SwavCriterion {
             return Ok(());
         };
         let _guard = tch::no_grad_guard();
-        let images = embedding.size()[0] / self.params.num_crops as i64;
+        let images = embedding.size()[0] / self.params.crops_for_assign.len() as i64;
         let length = queue.size()[1];
         let kept = (length - images).max(0);
         let mut rows = Vec::new();
-        for (slot, &crop) in self.params.crops_for_assign.iter().enumerate() {
+        for slot in 0..self.params.crops_for_assign.len() {
             let fresh = embedding
-                .f_narrow(0, crop as i64 * images, images.min(length))?
+                .f_narrow(0, slot as i64 * images, images.min(length))?
                 .f_detach()?
                 .f_to_kind(queue.kind())?
                 .f_to_device(queue.device())?;
@@ -581,7 +659,7 @@ impl Loss for SwavLoss {
     /// The loss without access to the model: fails once the queue's scores must be recomputed.
     fn forward(&mut self, output: &[Tensor], _target: &Tensor) -> Result<Tensor> {
         let (embedding, scores) = self.split(output)?;
-        self.criterion.step(embedding, scores, scores, None)
+        self.criterion.step(embedding, scores, None, None)
     }
 
     fn forward_step(
@@ -597,7 +675,7 @@ impl Loss for SwavLoss {
             None
         };
         self.criterion
-            .step(embedding, scores, scores, prototypes.as_deref())
+            .step(embedding, scores, None, prototypes.as_deref())
     }
 
     fn on_backward(&mut self, step: &StepContext) -> Result<()> {
