@@ -7,9 +7,7 @@ use std::path::Path;
 
 use common::*;
 use serde_yaml::Value;
-use vissl_crds::config::{
-    check, default_configs_root, load, ConfigError, Device, EngineName, World,
-};
+use vissl_crds::config::{check, default_configs_root, load, Device, EngineName, World};
 
 fn yaml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read configs dir") {
