@@ -152,9 +152,12 @@ pub fn names(kind: Kind) -> &'static [&'static str] {
             "barlow_twins_loss",
             "moco_loss",
             "dino_loss",
+            "swav_loss",
+            "swav_momentum_loss",
+            "deepclusterv2_loss",
         ],
         Kind::Trunks => &["resnet", "vision_transformer"],
-        Kind::Heads => &["mlp", "eval_mlp", "identity", "dino_head"],
+        Kind::Heads => &["mlp", "eval_mlp", "identity", "dino_head", "swav_head"],
         Kind::Transforms => &[
             "RandomResizedCrop",
             "RandomCrop",

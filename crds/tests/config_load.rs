@@ -7,9 +7,7 @@ use std::path::Path;
 
 use common::*;
 use serde_yaml::Value;
-use vissl_crds::config::{
-    check, default_configs_root, load, ConfigError, Device, EngineName, World,
-};
+use vissl_crds::config::{check, default_configs_root, load, Device, EngineName, World};
 
 fn yaml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read configs dir") {
@@ -78,23 +76,48 @@ fn vissl_upstream_configs_load_unchanged() {
 }
 
 #[test]
-fn vissl_swav_config_fails_only_on_names_not_implemented_yet() {
-    let errors = check(
-        &opts(upstream_root(), None),
-        &args(&["config=pretrain/swav/swav_8node_resnet"]),
+fn vissl_swav_and_deepcluster_configs_load_unchanged_with_inferred_loss_params() {
+    let opts = opts(upstream_root(), None);
+    for name in [
+        "pretrain/swav/swav_8node_resnet",
+        "test/integration_test/quick_swav",
+        "test/integration_test/quick_swav_2crops",
+        "pretrain/deepcluster_v2/deepclusterv2_2crops_resnet",
+    ] {
+        check(&opts, &args(&[&format!("config={name}")])).unwrap_or_else(|e| {
+            panic!(
+                "{name}: {}",
+                e.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+    }
+    // SwAV's multi-crop component: 2x224 + 4x96 crops reach the loss, the head sizes it.
+    let swav = load(
+        &opts,
+        &args(&[
+            "config=pretrain/swav/swav_8node_resnet",
+            "+config/pretrain/swav/transforms=multicrop_2x224_4x96",
+        ]),
     )
-    .expect_err("swav_loss and swav_head are not registered");
-    let names: BTreeSet<String> = errors
-        .iter()
-        .map(|e| match e {
-            ConfigError::UnknownName { name, .. } => name.clone(),
-            other => panic!("a key or type problem in VISSL's own SwAV config: {other}"),
-        })
-        .collect();
+    .unwrap();
+    let loss = &swav.loss.blocks["swav_loss"];
+    assert_eq!(loss["num_crops"], Value::from(6));
+    assert_eq!(loss["embedding_dim"], Value::from(128));
     assert_eq!(
-        names,
-        BTreeSet::from(["swav_loss".to_string(), "swav_head".to_string()])
+        loss["num_prototypes"],
+        serde_yaml::from_str::<Value>("[3000]").unwrap()
     );
+    let dc = load(
+        &opts,
+        &args(&["config=pretrain/deepcluster_v2/deepclusterv2_2crops_resnet"]),
+    )
+    .unwrap();
+    let loss = &dc.loss.blocks["deepclusterv2_loss"];
+    assert_eq!(loss["memory_params"]["embedding_dim"], Value::from(128));
+    assert_eq!(loss["DROP_LAST"], Value::from(true));
 }
 
 #[test]

@@ -406,7 +406,7 @@ simclr_info_nce_loss:
         assert!(known_losses().contains(&name), "{name}");
     }
 
-    let unknown = serde_yaml::from_str("name: swav_loss").unwrap();
+    let unknown = serde_yaml::from_str("name: no_such_loss").unwrap();
     let err = build_loss(&unknown, LossContext::single_process())
         .err()
         .expect("unknown loss");

@@ -8,12 +8,12 @@
 
 #[path = "reference/harness.rs"]
 mod harness;
-#[path = "reference/simulated_world.rs"]
-mod simulated_world;
+#[path = "reference/simulated_ranks.rs"]
+mod simulated_ranks;
 
 use harness::{assert_close, from_json, run_reference, to_json, uniform};
 use serde_json::json;
-use simulated_world::run_ranks;
+use simulated_ranks::run_ranks;
 use tch::{nn, Device, Kind, Tensor};
 use vissl_trainer::losses::dino_loss::{DinoLoss, DinoParams};
 use vissl_trainer::losses::{build_loss, Loss, LossContext, StepContext};

@@ -154,10 +154,11 @@ mod tests {
             "config: {MODEL: {HEAD: {PARAMS: [[[mlp, {}]], [[eval_mlp, {}], [mlp, {}]]]}}}"
         )
         .is_empty());
-        let errs = errors_of("config: {MODEL: {HEAD: {PARAMS: [[[mlp, {}]], [[swav_head, {}]]]}}}");
+        let errs =
+            errors_of("config: {MODEL: {HEAD: {PARAMS: [[[mlp, {}]], [[no_such_head, {}]]]}}}");
         assert_eq!(errs.len(), 1);
         assert!(
-            errs[0].contains("unknown head `swav_head` at `config.MODEL.HEAD.PARAMS[1][0][0]`"),
+            errs[0].contains("unknown head `no_such_head` at `config.MODEL.HEAD.PARAMS[1][0][0]`"),
             "{errs:?}"
         );
         let errs = errors_of("config: {MODEL: {HEAD: {PARAMS: [[mlp]]}}}");

@@ -239,12 +239,6 @@ impl Task {
             session.install_sync_bn(&config)?;
         }
         let (vs, model) = build_initialised_model(&config, device)?;
-        let factory_config = config.clone();
-        let loss_context = session
-            .as_ref()
-            .map_or_else(LossContext::single_process, Session::loss_context)
-            .with_model_factory(Arc::new(move || build_model(&factory_config, device)));
-        let loss = losses::build_loss(raw_group(&config, "LOSS")?, loss_context).context("LOSS")?;
         let opt_params =
             OptimizerParams::from_yaml(raw_group(&config, "OPTIMIZER")?).context("OPTIMIZER")?;
         let optimizer = Optimizer::new(
@@ -284,6 +278,14 @@ impl Task {
             config.seed_value,
         )
         .context("DATA.TRAIN")?;
+        let factory_config = config.clone();
+        let loss_context = session
+            .as_ref()
+            .map_or_else(LossContext::single_process, Session::loss_context)
+            .with_model_factory(Arc::new(move || build_model(&factory_config, device)));
+        let loss_section =
+            losses::with_num_train_samples(raw_group(&config, "LOSS")?, train_data.dataset.len());
+        let loss = losses::build_loss(&loss_section, loss_context).context("LOSS")?;
         let test_configured = config.test_model && !config.data.test.data_sources.is_empty();
         let test_data = if test_configured {
             Some(
@@ -730,6 +732,9 @@ impl Trainer {
             );
         }
         call(&mut self.hooks, task, |h, t| h.on_start(t))?;
+        if task.iteration == 0 && task.loss.needs_initial_pass() {
+            initial_pass(task)?;
+        }
         tracing::info!(
             epochs = task.num_epochs,
             iterations = task.total_iterations(),
@@ -815,6 +820,36 @@ where
     };
     let result = event(task.loss.as_mut(), &task.last_output, &step);
     result.with_context(|| format!("loss {}", task.loss.name()))
+}
+
+/// The pass over the training data (the first epoch's order) without gradients that some losses
+/// need before the first step (VISSL's InitMemoryHook for DeepClusterV2).
+fn initial_pass(task: &mut Task) -> Result<()> {
+    tracing::info!(
+        loss = task.loss.name(),
+        "initial pass over the training data"
+    );
+    let loader = task.train_data.loader(
+        &task.config.data,
+        task.config.seed_value,
+        task.epoch,
+        0,
+        task.device,
+    )?;
+    let _guard = tch::no_grad_guard();
+    for batch in loader {
+        let batch = batch.context("loading the initial pass")?;
+        let crops = task.device_crops(&batch)?;
+        let target = batch
+            .label
+            .first()
+            .map(|t| t.to_device(task.device))
+            .ok_or_else(|| anyhow!("the initial pass needs the batch labels (sample indices)"))?;
+        loss_event(task, &crops, |loss, _, step| {
+            loss.on_initial_pass_batch(&target, step)
+        })?;
+    }
+    Ok(())
 }
 
 /// One training step with its hook events: forward, loss, backward, update.

@@ -9,12 +9,18 @@
 pub mod barlow_twins_loss;
 pub mod cross_entropy_loss;
 pub mod cross_entropy_multiple_output_single_target;
+pub mod deepclusterv2_loss;
 pub mod dino_loss;
 pub mod info_nce;
+pub mod kmeans;
 pub mod moco_loss;
 pub mod momentum_encoder;
 pub mod multicrop_simclr_info_nce_loss;
+pub mod seeded;
 pub mod simclr_info_nce_loss;
+pub mod sinkhorn;
+pub mod swav_loss;
+pub mod swav_momentum_loss;
 
 use crate::models::BaseSslModel;
 use serde::de::DeserializeOwned;
@@ -23,8 +29,10 @@ use tch::{nn, Tensor};
 
 pub use cross_entropy_loss::CrossEntropyLoss;
 pub use cross_entropy_multiple_output_single_target::CrossEntropyMultipleOutputSingleTargetLoss;
+pub use deepclusterv2_loss::DeepClusterV2Loss;
 pub use multicrop_simclr_info_nce_loss::MultiCropSimclrInfoNceLoss;
 pub use simclr_info_nce_loss::SimclrInfoNceLoss;
+pub use swav_loss::SwavLoss;
 
 /// Errors of building or evaluating a loss; each names the loss or the config key.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +186,17 @@ pub trait Loss: Send {
         self.forward(output, target)
     }
 
+    /// Whether the loss needs one pass over the training data, without gradients, before the
+    /// first step of a run that does not resume (DeepClusterV2 fills its memory bank).
+    fn needs_initial_pass(&self) -> bool {
+        false
+    }
+
+    /// One batch of that pass: its target, and the model and crops in `step`.
+    fn on_initial_pass_batch(&mut self, _target: &Tensor, _step: &StepContext) -> Result<()> {
+        Ok(())
+    }
+
     /// A train phase (epoch) starts: DeepClusterV2 clusters its memory here.
     fn on_phase_start(&mut self, _step: &StepContext) -> Result<()> {
         Ok(())
@@ -224,11 +243,14 @@ pub const REGISTRY: &[(&str, LossConstructor)] = &[
         cross_entropy_multiple_output_single_target::NAME,
         cross_entropy_multiple_output_single_target::build,
     ),
+    (deepclusterv2_loss::NAME, deepclusterv2_loss::build),
     (
         multicrop_simclr_info_nce_loss::NAME,
         multicrop_simclr_info_nce_loss::build,
     ),
     (simclr_info_nce_loss::NAME, simclr_info_nce_loss::build),
+    (swav_loss::NAME, swav_loss::build),
+    (swav_momentum_loss::NAME, swav_momentum_loss::build),
 ];
 
 /// The names `LOSS.name` accepts.
@@ -247,6 +269,25 @@ pub fn build_loss(loss_section: &serde_yaml::Value, ctx: LossContext) -> Result<
         .ok_or_else(|| config_error("name", format!("expected a string, got {name:?}")))?;
     let empty = serde_yaml::Value::Mapping(Default::default());
     build_loss_by_name(name, loss_section.get(name).unwrap_or(&empty), ctx)
+}
+
+/// The `LOSS` section with `LOSS.<name>.num_train_samples` set to the training set's size where
+/// the selected loss has that key (VISSL fills it when the task builds the loss).
+pub fn with_num_train_samples(
+    loss_section: &serde_yaml::Value,
+    samples: usize,
+) -> serde_yaml::Value {
+    let mut section = loss_section.clone();
+    let name = section
+        .get("name")
+        .and_then(|n| n.as_str())
+        .map(str::to_string);
+    if let Some(params) = name.and_then(|n| section.get_mut(n.as_str())) {
+        if let Some(slot) = params.get_mut("num_train_samples") {
+            *slot = serde_yaml::Value::from(samples as u64);
+        }
+    }
+    section
 }
 
 /// Builds the loss registered as `name` from its params mapping.

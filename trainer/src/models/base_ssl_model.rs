@@ -516,16 +516,23 @@ impl BaseSslModel {
         let train = train && !self.heads_frozen;
         let run = || -> Result<Vec<Tensor>> {
             match pairing(feats.len(), heads.len(), "this input")? {
-                Pairing::OnePerFeature => feats
+                // A head with several outputs (SwAV's) contributes all of them, in order.
+                Pairing::OnePerFeature => Ok(feats
                     .iter()
                     .zip(heads)
-                    .map(|(f, h)| h.forward_t(f, train))
-                    .collect(),
+                    .map(|(f, h)| h.forward_outputs_t(f, train))
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .flatten()
+                    .collect()),
                 Pairing::Chain => {
-                    let out = heads
+                    let (last, first) = heads.split_last().ok_or_else(|| {
+                        ModelError::invalid("MODEL.HEAD.PARAMS", "no head to chain")
+                    })?;
+                    let hidden = first
                         .iter()
                         .try_fold(feats[0].shallow_clone(), |out, h| h.forward_t(&out, train))?;
-                    Ok(vec![out])
+                    last.forward_outputs_t(&hidden, train)
                 }
             }
         };

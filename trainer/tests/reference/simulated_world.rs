@@ -1,72 +1,73 @@
-//! A world of ranks simulated in one process for the method tests: each rank's gather returns every
-//! rank's tensor (the caller's own slice where the rank's loss passed it, so gradients reach every
-//! rank's inputs as the real gather's summing backward does), and all-reduce sums are exact: every
-//! rank runs twice, first to record what it contributes to each all-reduce, then with the other
-//! ranks' recorded contributions added in.
+//! Ranks of a simulated world as threads of one process: each gets a [`LossContext`] whose
+//! in-place sum and gather meet the other threads at a barrier, so losses with collectives
+//! (Sinkhorn sums, k-means statistics, gathered assignments) run as they would on W processes.
+//! The gather keeps no autograd graph (the method tests gather only statistics and indices).
+//! Included by the method tests with `#[path]`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
+
 use tch::Tensor;
 use vissl_trainer::losses::LossContext;
 
-type Records = Arc<Mutex<Vec<Vec<Tensor>>>>;
-
-fn context(rank: usize, others: Vec<Tensor>, records: Records, replay: bool) -> LossContext {
-    let world = others.len();
-    let calls = Arc::new(Mutex::new(0usize));
-    LossContext::distributed(
-        rank,
-        world,
-        Box::new(move |local: &Tensor| {
-            let parts: Vec<Tensor> = others
-                .iter()
-                .enumerate()
-                .map(|(r, t)| {
-                    if r == rank {
-                        local.shallow_clone()
-                    } else {
-                        t.shallow_clone()
-                    }
-                })
-                .collect();
-            Tensor::f_cat(&parts, 0).map_err(|e| e.to_string())
-        }),
-    )
-    .with_all_reduce_sum(Box::new(move |t: &Tensor| {
-        let mut records = records.lock().map_err(|e| e.to_string())?;
-        let mut call = calls.lock().map_err(|e| e.to_string())?;
-        if replay {
-            let _guard = tch::no_grad_guard();
-            for (r, recorded) in records.iter().enumerate() {
-                if r != rank {
-                    let other = recorded
-                        .get(*call)
-                        .ok_or_else(|| format!("rank {r} made fewer all-reduce calls"))?;
-                    let _ = t.shallow_clone().f_add_(other).map_err(|e| e.to_string())?;
-                }
-            }
-        } else {
-            records[rank].push(t.detach().copy());
-        }
-        *call += 1;
-        Ok(())
-    }))
+struct Meeting {
+    barrier: Barrier,
+    slots: Mutex<Vec<Option<Tensor>>>,
 }
 
-/// Runs `step(rank, ctx)` for every rank of a world whose gathered tensors are `gathered` (one per
-/// rank) and returns each rank's result from the exact (second) pass.
-pub fn run_ranks<T>(gathered: &[Tensor], mut step: impl FnMut(usize, LossContext) -> T) -> Vec<T> {
-    let world = gathered.len();
-    let records: Records = Arc::new(Mutex::new((0..world).map(|_| Vec::new()).collect()));
-    let others = || {
-        gathered
+impl Meeting {
+    /// Every rank deposits `t`, then reads all deposits in rank order.
+    fn exchange(&self, rank: usize, t: &Tensor) -> Vec<Tensor> {
+        self.slots.lock().expect("slots")[rank] = Some(t.detach().copy());
+        self.barrier.wait();
+        let all: Vec<Tensor> = self
+            .slots
+            .lock()
+            .expect("slots")
             .iter()
-            .map(Tensor::shallow_clone)
-            .collect::<Vec<_>>()
-    };
-    for rank in 0..world {
-        drop(step(rank, context(rank, others(), records.clone(), false)));
+            .map(|s| s.as_ref().expect("every rank deposited").copy())
+            .collect();
+        // Nobody deposits the next collective's tensor before everyone has read this one.
+        self.barrier.wait();
+        all
     }
-    (0..world)
-        .map(|rank| step(rank, context(rank, others(), records.clone(), true)))
+}
+
+/// Runs `body(rank, context)` on `world` threads and returns the results in rank order.
+pub fn run_world<R, F>(world: usize, body: F) -> Vec<R>
+where
+    R: Send + 'static,
+    F: Fn(usize, LossContext) -> R + Send + Sync + 'static,
+{
+    let meeting = Arc::new(Meeting {
+        barrier: Barrier::new(world),
+        slots: Mutex::new((0..world).map(|_| None).collect()),
+    });
+    let body = Arc::new(body);
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let (sum_meeting, gather_meeting) = (meeting.clone(), meeting.clone());
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let ctx = LossContext::distributed(
+                    rank,
+                    world,
+                    Box::new(move |t: &Tensor| {
+                        let parts = gather_meeting.exchange(rank, t);
+                        Ok(Tensor::cat(&parts, 0))
+                    }),
+                )
+                .with_all_reduce_sum(Box::new(move |t: &Tensor| {
+                    let parts = sum_meeting.exchange(rank, t);
+                    let total = parts.iter().skip(1).fold(parts[0].copy(), |acc, p| acc + p);
+                    t.shallow_clone().copy_(&total);
+                    Ok(())
+                }));
+                body(rank, ctx)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("rank thread panicked"))
         .collect()
 }

@@ -10,6 +10,7 @@ pub mod dino_head;
 pub mod identity;
 pub mod linear_eval_mlp;
 pub mod mlp;
+pub mod swav_head;
 
 use super::trunks::FeatureShape;
 use super::yaml::{describe, Block};
@@ -73,6 +74,12 @@ impl HeadSettings {
 pub trait Head: std::fmt::Debug + Send {
     /// Applies the head; an input of the wrong shape fails naming the head and both shapes.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// Every output of the head when it ends the model (SwAV's embedding and prototype scores);
+    /// heads with one output return [`Head::forward_t`]'s.
+    fn forward_outputs_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        Ok(vec![self.forward_t(xs, train)?])
+    }
 }
 
 /// The parsed kwargs of one head module: what it accepts and how to build it.
@@ -102,6 +109,7 @@ const HEADS: &[(&str, HeadParser)] = &[
     ("eval_mlp", linear_eval_mlp::parse),
     ("identity", identity::parse),
     ("dino_head", dino_head::parse),
+    (swav_head::NAME, swav_head::parse),
 ];
 
 /// The registered head names.
@@ -279,6 +287,17 @@ impl BuiltHead {
             .try_fold(xs.shallow_clone(), |out, module| {
                 module.forward_t(&out, train)
             })
+    }
+
+    /// Applies the modules in sequence; the last one returns all its outputs.
+    pub fn forward_outputs_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let Some((last, first)) = self.modules.split_last() else {
+            return Ok(vec![xs.shallow_clone()]);
+        };
+        let hidden = first.iter().try_fold(xs.shallow_clone(), |out, module| {
+            module.forward_t(&out, train)
+        })?;
+        last.forward_outputs_t(&hidden, train)
     }
 }
 
