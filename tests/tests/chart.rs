@@ -15,7 +15,9 @@ fn helm() -> Result<PathBuf> {
         .unwrap_or_else(|| {
             let cache = std::env::var_os("VISSL_CACHE")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/vissl-rs"));
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/vissl-rs")
+                });
             cache.join("helm/v3.22.0/bin/helm")
         });
     ensure!(
@@ -45,8 +47,15 @@ fn run(mut cmd: Command, what: &str) -> Result<String> {
 /// `helm template` with `--set` values, as YAML documents.
 fn template(namespace: &str, sets: &[&str]) -> Result<Vec<serde_yaml::Value>> {
     let mut cmd = Command::new(helm()?);
-    cmd.args(["template", "vissl", "--kube-version", "1.36.3", "--namespace", namespace])
-        .arg(chart());
+    cmd.args([
+        "template",
+        "vissl",
+        "--kube-version",
+        "1.36.3",
+        "--namespace",
+        namespace,
+    ])
+    .arg(chart());
     for set in sets {
         cmd.args(["--set", set]);
     }
@@ -84,7 +93,8 @@ fn chart_lints_in_every_mode() -> Result<()> {
         ],
     ] {
         let mut cmd = Command::new(helm()?);
-        cmd.args(["lint", "--strict", "--kube-version", "1.36.3"]).arg(chart());
+        cmd.args(["lint", "--strict", "--kube-version", "1.36.3"])
+            .arg(chart());
         for set in &sets {
             cmd.args(["--set", set]);
         }
@@ -98,7 +108,8 @@ fn chart_lints_in_every_mode() -> Result<()> {
 
 #[test]
 fn chart_crd_is_the_generated_one() -> Result<()> {
-    let generated = std::fs::read_to_string(repo_root().join("crds/manifests/ssltrainings.vissl.rs.yaml"))?;
+    let generated =
+        std::fs::read_to_string(repo_root().join("crds/manifests/ssltrainings.vissl.rs.yaml"))?;
     let shipped = std::fs::read_to_string(chart().join("crds/ssltrainings.vissl.rs.yaml"))?;
     ensure!(
         generated == shipped,
@@ -112,19 +123,23 @@ fn chart_crd_is_the_generated_one() -> Result<()> {
 fn rbac_is_cluster_wide_or_namespaced_and_leader_election_only_with_replicas() -> Result<()> {
     let cluster = template("ops", &[])?;
     let k = kinds(&cluster);
-    assert!(k.contains(&"ClusterRole".into()) && !k.contains(&"Role".into()), "{k:?}");
+    assert!(
+        k.contains(&"ClusterRole".into()) && !k.contains(&"Role".into()),
+        "{k:?}"
+    );
     let namespaced = template("ops", &["watchNamespace=research", "replicaCount=2"])?;
     let k = kinds(&namespaced);
     assert!(!k.contains(&"ClusterRole".into()), "{k:?}");
-    let roles: Vec<&serde_yaml::Value> = namespaced
-        .iter()
-        .filter(|d| d["kind"] == "Role")
-        .collect();
+    let roles: Vec<&serde_yaml::Value> =
+        namespaced.iter().filter(|d| d["kind"] == "Role").collect();
     let role_ns: Vec<&str> = roles
         .iter()
         .filter_map(|r| r["metadata"]["namespace"].as_str())
         .collect();
-    assert!(role_ns.contains(&"research") && role_ns.contains(&"ops"), "{role_ns:?}");
+    assert!(
+        role_ns.contains(&"research") && role_ns.contains(&"ops"),
+        "{role_ns:?}"
+    );
     let deployment = namespaced
         .iter()
         .find(|d| d["kind"] == "Deployment")
@@ -135,7 +150,10 @@ fn rbac_is_cluster_wide_or_namespaced_and_leader_election_only_with_replicas() -
         .iter()
         .filter_map(|a| a.as_str())
         .collect();
-    assert!(args.contains(&"--namespace=research") && args.contains(&"--leader-election"), "{args:?}");
+    assert!(
+        args.contains(&"--namespace=research") && args.contains(&"--leader-election"),
+        "{args:?}"
+    );
     // No secrets access, no wildcards.
     for doc in cluster.iter().chain(&namespaced) {
         if let Some(rules) = doc["rules"].as_sequence() {
@@ -177,7 +195,10 @@ fn dashboard_is_json_and_queries_only_metrics_that_exist() -> Result<()> {
     let panels = dashboard["panels"].as_array().context("no panels")?;
     assert!(panels.len() >= 8);
     for panel in panels {
-        for target in panel["targets"].as_array().context("panel without targets")? {
+        for target in panel["targets"]
+            .as_array()
+            .context("panel without targets")?
+        {
             let expr = target["expr"].as_str().context("target without expr")?;
             for word in expr.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
                 let metric = word
@@ -185,7 +206,10 @@ fn dashboard_is_json_and_queries_only_metrics_that_exist() -> Result<()> {
                     .trim_end_matches("_count")
                     .trim_end_matches("_sum");
                 if metric.starts_with("vissl_") && !sources.contains(&format!("\"{metric}\"")) {
-                    bail!("panel {:?} queries {metric}, which no code exports", panel["title"]);
+                    bail!(
+                        "panel {:?} queries {metric}, which no code exports",
+                        panel["title"]
+                    );
                 }
             }
         }
@@ -200,7 +224,8 @@ async fn rendered_objects_pass_server_side_dry_run_on_the_real_api_server() -> R
     let namespace = create_namespace(&client, "chart").await?;
     // The chart's CRD first (helm installs crds/ before templates), then every mode's objects.
     let mut cmd = cluster.control_plane.kubectl()?;
-    cmd.args(["apply", "--server-side", "-f"]).arg(chart().join("crds"));
+    cmd.args(["apply", "--server-side", "-f"])
+        .arg(chart().join("crds"));
     run(cmd, "kubectl apply of the chart's CRD")?;
     for sets in [vec![], vec!["replicaCount=3", "watchNamespace=default"]] {
         let docs = template(&namespace, &sets)?;

@@ -18,7 +18,9 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use vissl_crds::api::{Phase, SSLTraining};
-use vissl_e2e::{apply_crd_file, create_namespace, repo_root, shared_cluster, wait_for, TestCluster};
+use vissl_e2e::{
+    apply_crd_file, create_namespace, repo_root, shared_cluster, wait_for, TestCluster,
+};
 
 /// Trainings run one at a time: two 2-process trainings at once would only slow each other down.
 static TRAINING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -110,7 +112,11 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         // The test harness shows a test's output only when it fails: that is when this log matters.
-        eprintln!("==== operator log ({}) ====\n{}", self.log.display(), self.log_tail());
+        eprintln!(
+            "==== operator log ({}) ====\n{}",
+            self.log.display(),
+            self.log_tail()
+        );
         self.kill();
     }
 }
@@ -206,7 +212,7 @@ impl Scenario {
             timeout,
             || async {
                 let t = trainings.get(name).await?;
-                match t.status.as_ref().map(|s| s.group.phase.clone()) {
+                match t.status.as_ref().map(|s| s.group.phase) {
                     Some(p) if p == want => Ok(Ok(t)),
                     Some(Phase::Failed) => Ok(Err(anyhow!(
                         "SSLTraining {name} failed while waiting for {want:?}: {:#?}",
@@ -397,19 +403,32 @@ async fn two_node_training_succeeds_with_progress_and_s3_checkpoint() -> Result<
         }
     })
     .await?;
-    let progress = running.status.as_ref().and_then(|s| s.progress.clone()).unwrap();
+    let progress = running
+        .status
+        .as_ref()
+        .and_then(|s| s.progress.clone())
+        .unwrap();
     assert_eq!(progress.num_epochs, 3);
     // 4096 images over 2 ranks in batches of 64 per rank, 3 epochs.
     assert_eq!(progress.total_iterations, 3 * 4096 / 2 / 64);
     assert!(progress.loss.is_some_and(f64::is_finite));
     let _ = status_port;
 
-    let done = s.wait_phase("simclr", Phase::Succeeded, RUN_TIMEOUT).await?;
+    let done = s
+        .wait_phase("simclr", Phase::Succeeded, RUN_TIMEOUT)
+        .await?;
     let status = done.status.as_ref().context("no status")?;
     assert_eq!(status.group.restarts, 0);
     assert!(status.group.completion_time.is_some() && status.group.start_time.is_some());
-    let last = status.last_checkpoint.as_ref().context("no lastCheckpoint")?;
-    assert!(last.url.starts_with("s3://ckpt/runs/simclr"), "{}", last.url);
+    let last = status
+        .last_checkpoint
+        .as_ref()
+        .context("no lastCheckpoint")?;
+    assert!(
+        last.url.starts_with("s3://ckpt/runs/simclr"),
+        "{}",
+        last.url
+    );
     assert!(condition(&done, "Succeeded").is_some_and(|c| c.reason == "Succeeded"));
     // The checkpoints really went to the S3 server through the Secret's credentials.
     let keys = s3.keys("ckpt", "runs/simclr").await?;
@@ -419,7 +438,10 @@ async fn two_node_training_succeeds_with_progress_and_s3_checkpoint() -> Result<
     );
     assert!(s.has_event("CreatedGroup").await? && s.has_event("Succeeded").await?);
     let metrics = s.operator.metrics().await?;
-    assert!(metrics.contains("vissl_operator_reconciles_total"), "{metrics}");
+    assert!(
+        metrics.contains("vissl_operator_reconciles_total"),
+        "{metrics}"
+    );
     Ok(())
 }
 
@@ -438,8 +460,12 @@ async fn killed_pod_restarts_the_group_which_resumes_from_its_checkpoint() -> Re
         }
     })
     .await?;
-    s.cluster.agent.kill(&s.namespace, "resume-node-1", libc::SIGKILL)?;
-    let done = s.wait_phase("resume", Phase::Succeeded, RUN_TIMEOUT).await?;
+    s.cluster
+        .agent
+        .kill(&s.namespace, "resume-node-1", libc::SIGKILL)?;
+    let done = s
+        .wait_phase("resume", Phase::Succeeded, RUN_TIMEOUT)
+        .await?;
     let status = done.status.as_ref().context("no status")?;
     assert_eq!(status.group.restarts, 1, "{status:#?}");
     assert!(s.has_event("PodFailed").await?);
@@ -457,18 +483,30 @@ async fn exhausted_backoff_fails_the_training_and_stops_its_running_pods() -> Re
     let _one_at_a_time = TRAINING.lock().await;
     let s = Scenario::new("backoff").await?;
     let _logs = s.cluster.logs_on_failure(&s.namespace);
-    s.create_training("doomed", 4096, 50, &[], json!({"runPolicy": {"backoffLimit": 1}}))
-        .await?;
+    s.create_training(
+        "doomed",
+        4096,
+        50,
+        &[],
+        json!({"runPolicy": {"backoffLimit": 1}}),
+    )
+    .await?;
     for attempt in 0..2 {
         let trainings = s.trainings();
-        wait_for(&format!("attempt {attempt} running"), RUN_TIMEOUT, || async {
-            let t = trainings.get("doomed").await?;
-            let g = &t.status.as_ref().context("no status")?.group;
-            ensure!(g.attempt == attempt && g.phase == Phase::Running, "{g:?}");
-            Ok(())
-        })
+        wait_for(
+            &format!("attempt {attempt} running"),
+            RUN_TIMEOUT,
+            || async {
+                let t = trainings.get("doomed").await?;
+                let g = &t.status.as_ref().context("no status")?.group;
+                ensure!(g.attempt == attempt && g.phase == Phase::Running, "{g:?}");
+                Ok(())
+            },
+        )
         .await?;
-        s.cluster.agent.kill(&s.namespace, "doomed-node-0", libc::SIGKILL)?;
+        s.cluster
+            .agent
+            .kill(&s.namespace, "doomed-node-0", libc::SIGKILL)?;
     }
     let failed = s.wait_phase("doomed", Phase::Failed, RUN_TIMEOUT).await;
     let failed = match failed {
@@ -479,19 +517,23 @@ async fn exhausted_backoff_fails_the_training_and_stops_its_running_pods() -> Re
     assert_eq!(cond.reason, "BackoffLimitExceeded", "{cond:?}");
     assert_eq!(failed.status.as_ref().unwrap().group.restarts, 1);
     // cleanPodPolicy Running (the default): the pods still running go, the failed ones stay for their logs.
-    wait_for("the running pods to be removed", Duration::from_secs(60), || async {
-        let pods = s.group_pods("doomed").await?;
-        let live: Vec<_> = pods
-            .iter()
-            .filter(|p| {
-                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-                !matches!(phase, Some("Failed" | "Succeeded"))
-            })
-            .filter_map(|p| p.metadata.name.clone())
-            .collect();
-        ensure!(live.is_empty(), "pods still live: {live:?}");
-        Ok(())
-    })
+    wait_for(
+        "the running pods to be removed",
+        Duration::from_secs(60),
+        || async {
+            let pods = s.group_pods("doomed").await?;
+            let live: Vec<_> = pods
+                .iter()
+                .filter(|p| {
+                    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                    !matches!(phase, Some("Failed" | "Succeeded"))
+                })
+                .filter_map(|p| p.metadata.name.clone())
+                .collect();
+            ensure!(live.is_empty(), "pods still live: {live:?}");
+            Ok(())
+        },
+    )
     .await?;
     Ok(())
 }
@@ -527,8 +569,12 @@ async fn invalid_config_is_a_condition_and_an_event_and_creates_no_pods() -> Res
     s.create_training("typo", 256, 1, &["config.OPTIMIZER.num_epoch=3"], json!({}))
         .await
         .map(|_| ())
-        .or_else(|e| bail!("the API server should accept it (the operator judges configs): {e:#}"))?;
-    let failed = s.wait_phase("typo", Phase::Failed, Duration::from_secs(60)).await?;
+        .or_else(|e| {
+            bail!("the API server should accept it (the operator judges configs): {e:#}")
+        })?;
+    let failed = s
+        .wait_phase("typo", Phase::Failed, Duration::from_secs(60))
+        .await?;
     let cond = condition(&failed, "ConfigValid").context("no ConfigValid condition")?;
     assert_eq!(cond.reason, "InvalidConfig");
     assert!(cond.message.contains("num_epochs"), "{}", cond.message);
@@ -545,12 +591,21 @@ async fn suspended_training_holds_no_pods_until_resumed() -> Result<()> {
     let _one_at_a_time = TRAINING.lock().await;
     let s = Scenario::new("suspend").await?;
     let _logs = s.cluster.logs_on_failure(&s.namespace);
-    s.create_training("queued", 512, 1, &[], json!({"runPolicy": {"suspend": true}}))
-        .await?;
+    s.create_training(
+        "queued",
+        512,
+        1,
+        &[],
+        json!({"runPolicy": {"suspend": true}}),
+    )
+    .await?;
     s.wait_phase("queued", Phase::Suspended, Duration::from_secs(60))
         .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(s.group_pods("queued").await?.is_empty(), "a suspended training holds pods");
+    assert!(
+        s.group_pods("queued").await?.is_empty(),
+        "a suspended training holds pods"
+    );
     s.trainings()
         .patch(
             "queued",
@@ -558,7 +613,9 @@ async fn suspended_training_holds_no_pods_until_resumed() -> Result<()> {
             &Patch::Merge(json!({"spec": {"runPolicy": {"suspend": false}}})),
         )
         .await?;
-    let done = s.wait_phase("queued", Phase::Succeeded, RUN_TIMEOUT).await?;
+    let done = s
+        .wait_phase("queued", Phase::Succeeded, RUN_TIMEOUT)
+        .await?;
     assert_eq!(done.status.as_ref().unwrap().group.restarts, 0);
     assert!(s.has_event("Resumed").await?);
     Ok(())
@@ -571,17 +628,26 @@ async fn deleted_training_takes_its_children_with_it() -> Result<()> {
     let _logs = s.cluster.logs_on_failure(&s.namespace);
     s.create_training("gone", 4096, 50, &[], json!({})).await?;
     s.wait_phase("gone", Phase::Running, RUN_TIMEOUT).await?;
-    s.trainings().delete("gone", &DeleteParams::default()).await?;
+    s.trainings()
+        .delete("gone", &DeleteParams::default())
+        .await?;
     let services: Api<Service> = Api::namespaced(s.client.clone(), &s.namespace);
     let configmaps: Api<ConfigMap> = Api::namespaced(s.client.clone(), &s.namespace);
     // The garbage collector needs up to ~40 s to discover a new CRD's type the first time.
-    wait_for("children to be garbage-collected", Duration::from_secs(120), || async {
-        let pods = s.group_pods("gone").await?.len();
-        let svc = services.get_opt("gone").await?.is_some();
-        let cm = configmaps.get_opt("gone-config").await?.is_some();
-        ensure!(pods == 0 && !svc && !cm, "pods {pods}, service {svc}, configmap {cm}");
-        Ok(())
-    })
+    wait_for(
+        "children to be garbage-collected",
+        Duration::from_secs(120),
+        || async {
+            let pods = s.group_pods("gone").await?.len();
+            let svc = services.get_opt("gone").await?.is_some();
+            let cm = configmaps.get_opt("gone-config").await?.is_some();
+            ensure!(
+                pods == 0 && !svc && !cm,
+                "pods {pods}, service {svc}, configmap {cm}"
+            );
+            Ok(())
+        },
+    )
     .await?;
     Ok(())
 }
@@ -600,13 +666,18 @@ async fn restarted_operator_converges_without_duplicates() -> Result<()> {
     .await?;
     s.operator.kill();
     s.operator = Operator::start(s.cluster, &s.namespace, s.dir.path(), "operator-2")?;
-    let done = s.wait_phase("steady", Phase::Succeeded, RUN_TIMEOUT).await?;
+    let done = s
+        .wait_phase("steady", Phase::Succeeded, RUN_TIMEOUT)
+        .await?;
     let status = done.status.as_ref().context("no status")?;
     assert_eq!(status.group.restarts, 0, "{status:#?}");
     assert_eq!(status.group.attempt, 0, "{status:#?}");
     // Exactly the one group: the same two pod names, one Service, one ConfigMap.
     let pods = s.group_pods("steady").await?;
-    let mut names: Vec<String> = pods.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    let mut names: Vec<String> = pods
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
     names.sort();
     names.dedup();
     ensure!(names.len() <= 2, "pods {names:?}");
@@ -623,6 +694,9 @@ async fn restarted_operator_converges_without_duplicates() -> Result<()> {
         .filter(|e| e.reason.as_deref() == Some("CreatedGroup"))
         .map(|e| e.series.map_or(1, |series| series.count))
         .sum();
-    assert_eq!(created_events, 1, "the restarted operator created the group again");
+    assert_eq!(
+        created_events, 1,
+        "the restarted operator created the group again"
+    );
     Ok(())
 }

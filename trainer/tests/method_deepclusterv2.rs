@@ -246,7 +246,9 @@ fn config(dir: &Path) -> Config {
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn run(config: Config, stop_after: Option<u64>) -> RunSummary {
-    let _turn = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _turn = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     Trainer::new(
         config,
         RunOptions {
