@@ -22,7 +22,18 @@ fn config(dir: &Path, extra: &[&str]) -> Config {
     load(&LoadOptions::default(), &args).expect("test config loads")
 }
 
+/// Training runs seed libtorch's global generator and draw the model's weights from it, so
+/// runs of parallel tests in this binary take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn run(config: Config, stop_after: Option<u64>) -> RunSummary {
+    let _turn = turn();
     Trainer::new(
         config,
         RunOptions {
@@ -128,6 +139,7 @@ fn a_nan_loss_stops_the_run_naming_the_iteration() {
             "config.OPTIMIZER.param_schedulers.lr.schedulers.1.start_value=1e30",
         ],
     );
+    let _turn = turn();
     let err = Trainer::new(cfg, RunOptions::default())
         .unwrap()
         .train()

@@ -347,6 +347,10 @@ fn swav_model(heads: &str) -> (tch::nn::VarStore, BaseSslModel) {
     ))
     .unwrap();
     let params = ModelParams::from_yaml(&yaml).unwrap();
+    // Building draws weights from libtorch's global generator, which training runs seed.
+    let _turn = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let model = BaseSslModel::new(&vs, &params).unwrap();
     (vs, model)

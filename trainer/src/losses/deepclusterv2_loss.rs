@@ -180,7 +180,9 @@ impl DeepClusterV2Loss {
         let centroids = params
             .num_clusters
             .iter()
-            .map(|&k| Tensor::f_rand([k as i64, dim], cpu))
+            // Placeholders until the first clustering: zeros, so building the loss draws nothing
+            // from libtorch's global generator (which seeds the model of a run).
+            .map(|&k| Tensor::f_zeros([k as i64, dim], cpu))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             memory: Tensor::f_zeros([banks, rows, dim], cpu)?,
