@@ -28,6 +28,27 @@ pub fn repo_root() -> PathBuf {
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
+/// The `helm` binary: `$VISSL_HELM`, else the one `scripts/setup` builds into the cache.
+pub fn helm_binary() -> Result<PathBuf> {
+    let helm = std::env::var_os("VISSL_HELM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("VISSL_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/vissl-rs")
+                });
+            cache.join("helm/v3.22.0/bin/helm")
+        });
+    if !helm.is_file() {
+        bail!(
+            "helm not found at {}: run scripts/setup (it builds helm from the Go module proxy)",
+            helm.display()
+        );
+    }
+    Ok(helm)
+}
+
 /// Polls `check` every 200 ms until it returns `Ok`, for at most `timeout`.
 ///
 /// An `Err` from `check` means "not yet" and should say what was seen (e.g. `bail!("phase is Pending")`);
@@ -219,8 +240,18 @@ async fn start_shared() -> Result<TestCluster> {
                 let started = async {
                     let control_plane = ControlPlane::start().await?;
                     let client = control_plane.client().await?;
-                    let agent =
-                        NodeAgent::start(client, SHARED_NODES, NodeAgentOptions::default()).await?;
+                    let api_server = control_plane
+                        .server()
+                        .trim_start_matches("https://")
+                        .parse()
+                        .with_context(|| {
+                            format!("the API server's URL {}", control_plane.server())
+                        })?;
+                    let opts = NodeAgentOptions {
+                        api_server: Some(api_server),
+                        ..NodeAgentOptions::default()
+                    };
+                    let agent = NodeAgent::start(client, SHARED_NODES, opts).await?;
                     Ok(TestCluster {
                         control_plane,
                         agent,

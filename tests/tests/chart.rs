@@ -7,26 +7,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context, Result};
 use std::io::Write;
-use vissl_e2e::{create_namespace, repo_root, shared_cluster};
-
-fn helm() -> Result<PathBuf> {
-    let helm = std::env::var_os("VISSL_HELM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("VISSL_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/vissl-rs")
-                });
-            cache.join("helm/v3.22.0/bin/helm")
-        });
-    ensure!(
-        helm.is_file(),
-        "helm not found at {}: run scripts/setup (it builds helm from the Go module proxy)",
-        helm.display()
-    );
-    Ok(helm)
-}
+use vissl_e2e::{create_namespace, helm_binary as helm, repo_root, shared_cluster};
 
 fn chart() -> PathBuf {
     repo_root().join("charts/vissl-operator")

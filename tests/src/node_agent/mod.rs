@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -27,14 +28,15 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+mod images;
 mod prepare;
+mod service_account;
 mod status;
 
 use self::prepare::{prepare, PrepareError, PreparedContainer, PreparedPod};
 use self::status::{exited, State, StatusBook};
 use crate::control_plane::tail_file;
 use crate::reaper::{self, Registration};
-use crate::repo_root;
 
 const FIELD_MANAGER: &str = "vissl-test-node-agent";
 /// The address every pod gets: all "nodes" are this machine.
@@ -50,7 +52,8 @@ pub struct NodeAgentOptions {
     /// Where pod folders go; a temp folder (removed with the agent) when `None`.
     pub root: Option<PathBuf>,
     /// `command[0]` values replaced by a local binary; by default `vissl` maps to `$VISSL_BIN`, else
-    /// `<repo>/target/release/vissl`. Other commands run as written (looked up in `PATH`).
+    /// `<repo>/target/release/vissl`, and the operator image's `/vissl-operator` to `$VISSL_OPERATOR_BIN`,
+    /// else `<repo>/target/release/vissl-operator`. Other commands run as written (looked up in `PATH`).
     pub binaries: BTreeMap<String, PathBuf>,
     /// Host environment variables every container inherits (a container's own env wins).
     pub inherit_env: Vec<String>,
@@ -58,13 +61,12 @@ pub struct NodeAgentOptions {
     pub capacity: BTreeMap<String, String>,
     /// How often Leases and the Ready condition are renewed.
     pub heartbeat: Duration,
+    /// The API server as containers see it (`KUBERNETES_SERVICE_HOST`/`_PORT`); unset when `None`.
+    pub api_server: Option<SocketAddr>,
 }
 
 impl Default for NodeAgentOptions {
     fn default() -> Self {
-        let vissl = std::env::var_os("VISSL_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target/release/vissl"));
         let capacity = [
             ("cpu", "64"),
             ("memory", "256Gi"),
@@ -74,7 +76,7 @@ impl Default for NodeAgentOptions {
         Self {
             node_prefix: "vissl-test-node".into(),
             root: None,
-            binaries: BTreeMap::from([("vissl".to_string(), vissl)]),
+            binaries: images::default_binaries(),
             inherit_env: [
                 "PATH",
                 "LD_LIBRARY_PATH",
@@ -89,6 +91,7 @@ impl Default for NodeAgentOptions {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             heartbeat: Duration::from_secs(3),
+            api_server: None,
         }
     }
 }

@@ -10,6 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, Secret};
 use kube::{Api, Client};
 
+use super::images::image_defaults;
+use super::service_account::{private_run, service_env, write_projected_token, PrivateRun};
 use super::{Inner, POD_IP};
 use crate::reaper;
 
@@ -34,6 +36,8 @@ pub(super) struct PreparedContainer {
     pub(super) env: Vec<(String, String)>,
     pub(super) workdir: PathBuf,
     pub(super) logs: PathBuf,
+    /// Its mounts under /var/run (the service-account token), at their real path.
+    pub(super) private_run: Option<PrivateRun>,
 }
 
 pub(super) struct PreparedPod {
@@ -61,11 +65,18 @@ impl PreparedContainer {
             .stderr(open("stderr")?)
             .kill_on_drop(true);
         reaper::isolate_tokio(&mut cmd);
+        if let Some(run) = &self.private_run {
+            run.enter(&mut cmd);
+        }
         cmd.spawn().with_context(|| {
             format!(
-                "starting container {}: {}",
+                "starting container {}: {}{}",
                 self.name,
-                self.program.display()
+                self.program.display(),
+                match self.private_run {
+                    Some(_) => " (in a mount namespace of its own, for its mounts under /var/run)",
+                    None => "",
+                }
             )
         })
     }
@@ -222,9 +233,11 @@ pub(super) async fn prepare(
             volumes.insert(volume.name, PathBuf::from(host.path));
             continue;
         } else if let Some(projected) = volume.projected {
-            // The service-account token volume every pod gets: its ConfigMap and namespace parts are
-            // materialised; the token itself is not (nothing here calls the API from inside a pod).
+            // The service-account volume every pod gets (see `service_account`), or a user's own.
             for source in projected.sources.unwrap_or_default() {
+                if let Some(token) = source.service_account_token {
+                    write_projected_token(client, pod, &token, &path).await?;
+                }
                 if let Some(cm) = source.config_map {
                     if let Some(data) = source_data(
                         client,
@@ -430,6 +443,16 @@ async fn resolve_container(
             local.display().to_string(),
         ));
     }
+    let image = container.image.as_deref().and_then(image_defaults);
+    // What the image ships, unless a volume is mounted over it.
+    if let Some(image) = &image {
+        for (path, local) in &image.paths {
+            if !mounts.iter().any(|(mount, _)| mount == path) {
+                mounts.push((path.to_string(), local.display().to_string()));
+            }
+        }
+    }
+    let private_run = private_run(&container.name, &mounts, dir).map_err(PrepareError::Fatal)?;
     mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
     let localize = |value: &str| localize_service_host(&rewrite_mounts(value, &mounts));
 
@@ -445,6 +468,16 @@ async fn resolve_container(
         .and_then(|s| s.hostname.clone())
         .or_else(|| pod.metadata.name.clone())
         .unwrap_or_default();
+    if let Some(image) = &image {
+        for (key, value) in image.env {
+            set_env(&mut env, key.to_string(), localize(value));
+        }
+    }
+    if let Some(api_server) = agent.opts.api_server {
+        for (key, value) in service_env(api_server) {
+            set_env(&mut env, key, value);
+        }
+    }
     set_env(&mut env, "HOSTNAME".into(), hostname);
     set_env(
         &mut env,
@@ -494,15 +527,28 @@ async fn resolve_container(
         }
     }
 
-    let mut argv: Vec<String> = container.command.clone().unwrap_or_default();
-    argv.extend(container.args.clone().unwrap_or_default());
+    // Kubernetes' rule: `command` replaces the image's ENTRYPOINT (and drops its CMD); `args` replace CMD.
+    let has_command = container.command.as_ref().is_some_and(|c| !c.is_empty());
+    let args = container.args.clone().unwrap_or_default();
+    let image_words = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+    let mut argv: Vec<String> = match &image {
+        _ if has_command => container.command.clone().unwrap_or_default(),
+        Some(image) => image_words(image.entrypoint),
+        None => Vec::new(),
+    };
+    match &image {
+        _ if !args.is_empty() => argv.extend(args),
+        Some(image) if !has_command => argv.extend(image_words(image.cmd)),
+        _ => {}
+    }
     let argv: Vec<String> = argv
         .iter()
         .map(|arg| localize(&expand_refs(arg, &env)))
         .collect();
     let Some((first, args)) = argv.split_first() else {
         return Err(PrepareError::Fatal(anyhow!(
-            "{what} has no command: the test node agent cannot run an image's entrypoint"
+            "{what} has no command and its image {:?} is none of this project's (see node_agent/images.rs)",
+            container.image.clone().unwrap_or_default()
         )));
     };
     let program = agent
@@ -522,6 +568,7 @@ async fn resolve_container(
         env,
         workdir,
         logs: dir.join("logs"),
+        private_run,
     })
 }
 
