@@ -107,15 +107,18 @@ fn chart_lints_in_every_mode() -> Result<()> {
 }
 
 #[test]
-fn chart_crd_is_the_generated_one() -> Result<()> {
-    let generated =
-        std::fs::read_to_string(repo_root().join("crds/manifests/ssltrainings.vissl.rs.yaml"))?;
-    let shipped = std::fs::read_to_string(chart().join("crds/ssltrainings.vissl.rs.yaml"))?;
-    ensure!(
-        generated == shipped,
-        "charts/vissl-operator/crds/ differs from crds/manifests/: \
-         cp crds/manifests/ssltrainings.vissl.rs.yaml charts/vissl-operator/crds/"
-    );
+fn chart_crds_are_the_generated_ones() -> Result<()> {
+    for file in ["ssltrainings.vissl.rs.yaml", "benchmarks.vissl.rs.yaml"] {
+        let generated = std::fs::read_to_string(repo_root().join("crds/manifests").join(file))
+            .with_context(|| format!("reading crds/manifests/{file}"))?;
+        let shipped = std::fs::read_to_string(chart().join("crds").join(file))
+            .with_context(|| format!("reading charts/vissl-operator/crds/{file}"))?;
+        ensure!(
+            generated == shipped,
+            "charts/vissl-operator/crds/{file} differs from crds/manifests/: \
+             cp crds/manifests/{file} charts/vissl-operator/crds/"
+        );
+    }
     Ok(())
 }
 
