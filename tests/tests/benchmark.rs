@@ -405,7 +405,7 @@ async fn benchmark_of_an_s3_training_records_its_results() -> Result<()> {
     let key = format!("benchmarks/{}/knn/knn_results.json", s.namespace);
     assert_eq!(status.results_url, Some(format!("s3://store/{key}")));
 
-    // The same numbers in the object store.
+    // The same numbers in the object store (the report's rows, under `results`).
     let stored: serde_json::Value = serde_json::from_str(&s3.object("store", &key).await?)?;
     let rows = stored.get("results").unwrap_or(&stored);
     let stored_top1 = rows
@@ -413,8 +413,9 @@ async fn benchmark_of_an_s3_training_records_its_results() -> Result<()> {
         .and_then(|rows| rows.iter().find(|r| r["features"] == "trained"))
         .and_then(|r| r["top1"].as_f64())
         .with_context(|| format!("no trained top-1 in {stored}"))?;
+    // The termination message rounds to two decimals to fit more rows in 4 kB.
     assert!(
-        (stored_top1 - trained_row.top1).abs() < 1e-9,
+        (stored_top1 - trained_row.top1).abs() <= 0.005 + 1e-9,
         "{stored_top1} vs {trained_row:?}"
     );
 
