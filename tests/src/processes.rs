@@ -18,11 +18,21 @@ pub fn free_port() -> Result<u16> {
 
 /// One plain HTTP/1.1 request: (status code, body).
 pub fn http(address: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
+    http_with(address, method, path, "")
+}
+
+/// [`http`] with extra header lines (each ending in `\r\n`).
+fn http_with(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = String::new();
     stream.read_to_string(&mut raw)?;
@@ -151,12 +161,17 @@ impl S3Server {
         Ok(server)
     }
 
-    /// The body of object `key` in `bucket` (unsigned GET: moto accepts it).
+    /// The body of object `key` in `bucket`.
     pub async fn object(&self, bucket: &str, key: &str) -> Result<String> {
         let address = self.address;
         let path = format!("/{bucket}/{key}");
+        // Moto refuses anonymous reads of private objects but does not verify signatures: any
+        // SigV4-shaped Authorization header makes the request a signed one.
+        let signed =
+            "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, \
+                      SignedHeaders=host, Signature=0\r\n";
         let (code, body) =
-            tokio::task::spawn_blocking(move || http(address, "GET", &path)).await??;
+            tokio::task::spawn_blocking(move || http_with(address, "GET", &path, signed)).await??;
         ensure!(code == 200, "GET {bucket}/{key} answered {code}: {body}");
         Ok(body)
     }

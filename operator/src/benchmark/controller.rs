@@ -313,7 +313,7 @@ async fn reconcile_benchmark(benchmark: &Benchmark, ctx: &Context) -> Result<Req
 
 /// Puts rank 0's results into the status (with condition ResultsRecorded) and returns the Event
 /// to emit; an unusable message leaves the phase Succeeded (the pods did their work) but says why.
-fn record_results(
+pub(crate) fn record_results(
     status: &mut BenchmarkStatus,
     group: &mut GroupStatus,
     obs: &Observed,

@@ -307,3 +307,73 @@ fn without_results_there_is_no_output_and_one_secret_is_listed_once() {
     let pods = render(&b, None);
     assert!(trainer(&pods[0]).env_from.is_none());
 }
+
+mod results_in_status {
+    use k8s_openapi::jiff::Timestamp;
+    use vissl_crds::api::{BenchmarkStatus, ConditionStatus, GroupStatus, Phase, RunPolicy};
+
+    use crate::benchmark::controller::record_results;
+    use crate::group::Observed;
+
+    fn succeeded() -> GroupStatus {
+        GroupStatus {
+            phase: Phase::Succeeded,
+            ..GroupStatus::default()
+        }
+    }
+
+    fn record(message: Option<&str>) -> (BenchmarkStatus, GroupStatus, crate::group::Note) {
+        let policy = RunPolicy::default();
+        let before = succeeded();
+        let obs = Observed {
+            generation: Some(1),
+            num_nodes: 1,
+            policy: &policy,
+            spec_error: None,
+            status: &before,
+            pods: &[],
+            now: Timestamp::from_second(1_800_000_000).expect("a valid time"),
+        };
+        let mut status = BenchmarkStatus::default();
+        let mut group = succeeded();
+        let note = record_results(&mut status, &mut group, &obs, message);
+        (status, group, note)
+    }
+
+    #[test]
+    fn a_report_fills_rows_headline_url_and_a_true_condition() {
+        let (status, group, note) = record(Some(
+            r#"{"benchmark":"knn","output":"s3://r/ml/knn/knn_results.json","results":[
+                {"features":"trained","layer":"res5avg","k":200,"top1":75.94,"top5":99.1}]}"#,
+        ));
+        assert_eq!(status.results.len(), 1);
+        assert_eq!(status.top1, Some(75.94));
+        assert_eq!(
+            status.results_url.as_deref(),
+            Some("s3://r/ml/knn/knn_results.json")
+        );
+        let c = group.condition("ResultsRecorded").expect("ResultsRecorded");
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            (ConditionStatus::True, "ResultsRead")
+        );
+        assert!(c.message.contains("75.94"), "{}", c.message);
+        assert!(!note.warning && note.reason == "ResultsRead");
+        assert_eq!(group.phase, Phase::Succeeded);
+    }
+
+    #[test]
+    fn a_missing_or_junk_message_is_a_false_condition_and_a_warning_but_still_succeeded() {
+        for message in [None, Some("killed"), Some("")] {
+            let (status, group, note) = record(message);
+            assert!(status.results.is_empty() && status.top1.is_none());
+            let c = group.condition("ResultsRecorded").expect("ResultsRecorded");
+            assert_eq!(
+                (c.status, c.reason.as_str()),
+                (ConditionStatus::False, "InvalidResults")
+            );
+            assert!(note.warning && note.reason == "InvalidResults");
+            assert_eq!(group.phase, Phase::Succeeded, "the pods did their work");
+        }
+    }
+}
