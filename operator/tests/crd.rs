@@ -115,12 +115,12 @@ fn the_benchmark_crd_has_its_names_columns_and_model_rule() {
 fn the_checked_in_crd_is_up_to_date() {
     let generated = ssl_training_crd_yaml().expect("the CRD renders");
     let on_disk = std::fs::read_to_string(CHECKED_IN).unwrap_or_else(|e| {
-        panic!("cannot read {CHECKED_IN}: {e}; create it with `cargo run -p vissl-operator -- crd > crds/manifests/ssltrainings.vissl.rs.yaml`")
+        panic!("cannot read {CHECKED_IN}: {e}; create it with `cargo run -p vissl-operator -- crd --kind ssltraining > crds/manifests/ssltrainings.vissl.rs.yaml`")
     });
     assert!(
         on_disk == generated,
         "{CHECKED_IN} differs from the code; regenerate it with \
-         `cargo run -p vissl-operator -- crd > crds/manifests/ssltrainings.vissl.rs.yaml`"
+         `cargo run -p vissl-operator -- crd --kind ssltraining > crds/manifests/ssltrainings.vissl.rs.yaml`"
     );
 }
 
