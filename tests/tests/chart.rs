@@ -157,6 +157,23 @@ fn rbac_is_cluster_wide_or_namespaced_and_leader_election_only_with_replicas() -
         args.contains(&"--namespace=research") && args.contains(&"--leader-election"),
         "{args:?}"
     );
+    // Both resources the operator reconciles: watched, their status patched.
+    let cluster_role = cluster
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .context("no ClusterRole")?;
+    let rules = serde_yaml::to_string(&cluster_role["rules"])?;
+    for resource in [
+        "benchmarks",
+        "benchmarks/status",
+        "ssltrainings",
+        "ssltrainings/status",
+    ] {
+        assert!(
+            rules.contains(&format!("- {resource}\n")),
+            "{resource} in {rules}"
+        );
+    }
     // No secrets access, no wildcards.
     for doc in cluster.iter().chain(&namespaced) {
         if let Some(rules) = doc["rules"].as_sequence() {
