@@ -7,22 +7,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use vissl_crds::api::SSLTraining;
+use vissl_crds::api::{Benchmark, SSLTraining};
 
 use crate::group::{MANAGED_BY_LABEL, MANAGER};
 use crate::http::{self, Endpoints};
 use crate::leader::{self, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::telemetry::{self, LogFormat};
-use crate::training::{error_policy, reconcile, Context, Settings};
+use crate::training::{Context, Settings};
+use crate::{benchmark, training};
 
-/// Reconciles SSLTraining resources into multi-node VISSL training pod groups.
+/// Reconciles SSLTraining and Benchmark resources into multi-node VISSL pod groups.
 #[derive(Debug, Parser)]
 #[command(
     name = "vissl-operator",
@@ -44,8 +45,22 @@ pub enum Command {
     /// Run the controller (the kubeconfig comes from KUBECONFIG, ~/.kube/config or the pod's
     /// service account).
     Run(RunArgs),
-    /// Print the SSLTraining CustomResourceDefinition as YAML.
-    Crd,
+    /// Print the CustomResourceDefinitions as YAML (every one, as a multi-document stream, unless
+    /// --kind names one).
+    Crd {
+        /// Only this resource's CRD.
+        #[arg(long, value_enum)]
+        kind: Option<CrdKind>,
+    },
+}
+
+/// The resource kinds whose CRD `crd --kind` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CrdKind {
+    /// `ssltrainings.vissl.rs`.
+    Ssltraining,
+    /// `benchmarks.vissl.rs`.
+    Benchmark,
 }
 
 /// Flags of `run`.
@@ -93,8 +108,13 @@ pub struct RunArgs {
 pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Crd) => {
-            let yaml = vissl_crds::api::ssl_training_crd_yaml().context("cannot render the CRD")?;
+        Some(Command::Crd { kind }) => {
+            let yaml = match kind {
+                None => vissl_crds::api::all_crds_yaml(),
+                Some(CrdKind::Ssltraining) => vissl_crds::api::ssl_training_crd_yaml(),
+                Some(CrdKind::Benchmark) => vissl_crds::api::benchmark_crd_yaml(),
+            }
+            .context("cannot render the CRDs")?;
             print!("{yaml}");
             Ok(())
         }
@@ -164,45 +184,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(
         namespace = args.namespace.as_deref().unwrap_or("(all)"),
         configs_root = %configs_root.display(),
-        "starting the SSLTraining controller"
+        "starting the SSLTraining and Benchmark controllers"
     );
-
-    let (trainings, pods, services, config_maps) = match &args.namespace {
-        Some(ns) => (
-            Api::<SSLTraining>::namespaced(client.clone(), ns),
-            Api::<Pod>::namespaced(client.clone(), ns),
-            Api::<Service>::namespaced(client.clone(), ns),
-            Api::<ConfigMap>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
-    let children = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
-    let controller = Controller::new(trainings, watcher::Config::default())
-        .owns(pods, children.clone())
-        .owns(services, children.clone())
-        .owns(config_maps, children)
-        .with_config(ControllerConfig::default().concurrency(args.concurrency))
-        .shutdown_on_signal();
-
-    let store = controller.store();
-    let phase_metrics = metrics.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            phase_metrics.set_phases(
-                store
-                    .state()
-                    .iter()
-                    .map(|t| t.status.as_ref().map(|s| s.group.phase).unwrap_or_default()),
-            );
-        }
-    });
-
     let ctx = Arc::new(Context {
         client: client.clone(),
         metrics,
@@ -212,13 +195,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             poll_progress: true,
         },
     });
-    let reconciling = controller
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "controller event");
-            }
-        });
+    let reconciling = futures::future::join(
+        run_trainings(&client, &args, ctx.clone()),
+        run_benchmarks(&client, &args, ctx),
+    );
+    let reconciling = async move {
+        reconciling.await;
+    };
     match &lease {
         Some(lease) => {
             tokio::select! {
@@ -232,4 +215,96 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Only the children this operator labelled (the controllers map them to owners by reference).
+fn children_config() -> watcher::Config {
+    watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"))
+}
+
+/// Refreshes a by-phase gauge from a controller's cache every 10 s.
+fn count_phases_every<K>(
+    store: kube::runtime::reflector::Store<K>,
+    phase_of: fn(&K) -> vissl_crds::api::Phase,
+    set: impl Fn(Vec<vissl_crds::api::Phase>) + Send + 'static,
+) where
+    K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            set(store.state().iter().map(|o| phase_of(o)).collect());
+        }
+    });
+}
+
+/// The SSLTraining controller, until shutdown.
+async fn run_trainings(client: &Client, args: &RunArgs, ctx: Arc<Context>) {
+    let ns = args.namespace.as_deref();
+    let controller = Controller::new(api::<SSLTraining>(client, ns), watcher::Config::default())
+        .owns(api::<Pod>(client, ns), children_config())
+        .owns(api::<Service>(client, ns), children_config())
+        .owns(api::<ConfigMap>(client, ns), children_config())
+        .with_config(ControllerConfig::default().concurrency(args.concurrency))
+        .shutdown_on_signal();
+    let metrics = ctx.metrics.clone();
+    count_phases_every(
+        controller.store(),
+        |t: &SSLTraining| t.status.as_ref().map(|s| s.group.phase).unwrap_or_default(),
+        move |phases| metrics.set_phases(phases),
+    );
+    controller
+        .run(training::reconcile, training::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "SSLTraining controller event");
+            }
+        })
+        .await;
+}
+
+/// The Benchmark controller, until shutdown; a change of an SSLTraining requeues the Benchmarks
+/// that evaluate it (so one waiting for it starts when it succeeds).
+async fn run_benchmarks(client: &Client, args: &RunArgs, ctx: Arc<Context>) {
+    let ns = args.namespace.as_deref();
+    let controller = Controller::new(api::<Benchmark>(client, ns), watcher::Config::default());
+    let benchmarks = controller.store();
+    let controller = controller
+        .owns(api::<Pod>(client, ns), children_config())
+        .owns(api::<Service>(client, ns), children_config())
+        .owns(api::<ConfigMap>(client, ns), children_config())
+        .watches(
+            api::<SSLTraining>(client, ns),
+            watcher::Config::default(),
+            move |training: SSLTraining| {
+                let state = benchmarks.state();
+                benchmark::requeue_for_training(&training, state.iter().map(|b| b.as_ref()))
+            },
+        )
+        .with_config(ControllerConfig::default().concurrency(args.concurrency))
+        .shutdown_on_signal();
+    let metrics = ctx.metrics.clone();
+    count_phases_every(
+        controller.store(),
+        |b: &Benchmark| b.status.as_ref().map(|s| s.group.phase).unwrap_or_default(),
+        move |phases| metrics.set_benchmark_phases(phases),
+    );
+    controller
+        .run(benchmark::reconcile, benchmark::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "Benchmark controller event");
+            }
+        })
+        .await;
 }

@@ -1,8 +1,10 @@
-//! vissl-operator: reconciles SSLTraining resources into multi-node pod groups.
+//! vissl-operator: reconciles SSLTraining and Benchmark resources into multi-node pod groups.
 //!
 //! [`group`] is the pod-group lifecycle any vissl-rs resource shares (pure decision, applies,
-//! Events); [`training`] is what is specific to SSLTraining (config, children, reconcile).
+//! Events) and [`workload`] the config and children every kind runs; [`training`] is what is
+//! specific to SSLTraining, [`benchmark`] what is specific to Benchmark.
 
+pub mod benchmark;
 pub mod cli;
 pub mod error;
 pub mod group;
@@ -12,6 +14,7 @@ pub mod metrics;
 pub mod progress;
 pub mod telemetry;
 pub mod training;
+pub mod workload;
 
 pub use error::{Error, Result};
 

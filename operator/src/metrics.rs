@@ -18,6 +18,7 @@ pub struct Metrics {
     errors: IntCounterVec,
     duration: Histogram,
     trainings: IntGaugeVec,
+    benchmarks: IntGaugeVec,
     restarts: IntCounter,
 }
 
@@ -51,6 +52,13 @@ impl Metrics {
             ),
             &["phase"],
         )?;
+        let benchmarks = IntGaugeVec::new(
+            Opts::new(
+                "vissl_operator_benchmarks",
+                "Benchmarks the operator watches, by phase.",
+            ),
+            &["phase"],
+        )?;
         let restarts = IntCounter::new(
             "vissl_operator_group_restarts_total",
             "Pod groups torn down and recreated after a failure.",
@@ -61,12 +69,14 @@ impl Metrics {
             Box::new(errors.clone()),
             Box::new(duration.clone()),
             Box::new(trainings.clone()),
+            Box::new(benchmarks.clone()),
             Box::new(restarts.clone()),
         ] {
             registry.register(collector)?;
         }
         for phase in Phase::ALL {
             trainings.with_label_values(&[phase.as_str()]).set(0);
+            benchmarks.with_label_values(&[phase.as_str()]).set(0);
         }
         Ok(Metrics {
             registry,
@@ -74,6 +84,7 @@ impl Metrics {
             errors,
             duration,
             trainings,
+            benchmarks,
             restarts,
         })
     }
@@ -100,17 +111,12 @@ impl Metrics {
 
     /// Sets the trainings-by-phase gauge from the watched objects' phases.
     pub fn set_phases(&self, phases: impl IntoIterator<Item = Phase>) {
-        let mut counts = [0i64; Phase::ALL.len()];
-        for phase in phases {
-            if let Some(i) = Phase::ALL.iter().position(|p| *p == phase) {
-                counts[i] += 1;
-            }
-        }
-        for (phase, count) in Phase::ALL.iter().zip(counts) {
-            self.trainings
-                .with_label_values(&[phase.as_str()])
-                .set(count);
-        }
+        count_phases(&self.trainings, phases);
+    }
+
+    /// Sets the benchmarks-by-phase gauge from the watched objects' phases.
+    pub fn set_benchmark_phases(&self, phases: impl IntoIterator<Item = Phase>) {
+        count_phases(&self.benchmarks, phases);
     }
 
     /// The Prometheus text format of every series.
@@ -119,6 +125,19 @@ impl Metrics {
         // Encoding into memory fails only on invalid metric families, which static ones are not.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
         String::from_utf8_lossy(&buffer).into_owned()
+    }
+}
+
+/// Sets a by-phase gauge: every phase gets its count, zero included.
+fn count_phases(gauge: &IntGaugeVec, phases: impl IntoIterator<Item = Phase>) {
+    let mut counts = [0i64; Phase::ALL.len()];
+    for phase in phases {
+        if let Some(i) = Phase::ALL.iter().position(|p| *p == phase) {
+            counts[i] += 1;
+        }
+    }
+    for (phase, count) in Phase::ALL.iter().zip(counts) {
+        gauge.with_label_values(&[phase.as_str()]).set(count);
     }
 }
 
@@ -145,6 +164,7 @@ mod tests {
         });
         m.group_restarted();
         m.set_phases([Phase::Running, Phase::Running, Phase::Failed]);
+        m.set_benchmark_phases([Phase::Succeeded]);
         let text = m.render();
         assert_eq!(value(&text, "vissl_operator_reconciles_total"), Some(2.0));
         assert_eq!(
@@ -168,6 +188,14 @@ mod tests {
         );
         assert_eq!(
             value(&text, "vissl_operator_trainings{phase=\"Pending\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&text, "vissl_operator_benchmarks{phase=\"Succeeded\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&text, "vissl_operator_benchmarks{phase=\"Running\"}"),
             Some(0.0)
         );
         assert_eq!(

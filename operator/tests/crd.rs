@@ -1,23 +1,126 @@
 //! The checked-in CRD matches the code, and carries the schema pieces users and the API server rely on.
 
+use serde::Deserialize;
 use serde_json::Value;
-use vissl_crds::api::{ssl_training_crd, ssl_training_crd_yaml};
+use vissl_crds::api::{
+    all_crds_yaml, benchmark_crd, benchmark_crd_yaml, ssl_training_crd, ssl_training_crd_yaml,
+};
 
 const CHECKED_IN: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../crds/manifests/ssltrainings.vissl.rs.yaml"
 );
 
+const BENCHMARK_CHECKED_IN: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../crds/manifests/benchmarks.vissl.rs.yaml"
+);
+
+#[test]
+fn the_checked_in_benchmark_crd_is_up_to_date() {
+    let generated = benchmark_crd_yaml().expect("the CRD renders");
+    let on_disk = std::fs::read_to_string(BENCHMARK_CHECKED_IN).unwrap_or_else(|e| {
+        panic!("cannot read {BENCHMARK_CHECKED_IN}: {e}; create it with `cargo run -p vissl-operator -- crd --kind benchmark > crds/manifests/benchmarks.vissl.rs.yaml`")
+    });
+    assert!(
+        on_disk == generated,
+        "{BENCHMARK_CHECKED_IN} differs from the code; regenerate it with \
+         `cargo run -p vissl-operator -- crd --kind benchmark > crds/manifests/benchmarks.vissl.rs.yaml`"
+    );
+}
+
+#[test]
+fn all_crds_is_a_stream_of_both() {
+    let stream = all_crds_yaml().expect("the CRDs render");
+    let names: Vec<String> = serde_yaml::Deserializer::from_str(&stream)
+        .map(|doc| {
+            let value = serde_yaml::Value::deserialize(doc).expect("a YAML document");
+            value["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(names, ["ssltrainings.vissl.rs", "benchmarks.vissl.rs"]);
+}
+
+#[test]
+fn the_benchmark_crd_has_its_names_columns_and_model_rule() {
+    let crd = serde_json::to_value(benchmark_crd()).expect("the CRD serialises");
+    let spec = &crd["spec"];
+    assert_eq!(crd["metadata"]["name"], "benchmarks.vissl.rs");
+    assert_eq!(spec["scope"], "Namespaced");
+    assert_eq!(spec["names"]["kind"], "Benchmark");
+    assert_eq!(spec["names"]["shortNames"], serde_json::json!(["bench"]));
+    let version = &spec["versions"][0];
+    assert!(version["subresources"]["status"].is_object());
+    let columns: Vec<(&str, &str)> = version["additionalPrinterColumns"]
+        .as_array()
+        .expect("printer columns")
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap_or_default(),
+                c["jsonPath"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            ("Phase", ".status.phase"),
+            ("Model", ".status.model"),
+            ("Top-1", ".status.top1"),
+            ("Age", ".metadata.creationTimestamp")
+        ]
+    );
+    let schema = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let rules: Vec<&str> = schema["x-kubernetes-validations"]
+        .as_array()
+        .expect("x-kubernetes-validations on spec")
+        .iter()
+        .filter_map(|r| r["rule"].as_str())
+        .collect();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.contains("model.training") && r.contains("model.checkpointUrl")),
+        "{rules:?}"
+    );
+    assert_eq!(
+        schema["properties"]["benchmark"]["enum"],
+        serde_json::json!(["knn"])
+    );
+    assert_eq!(schema["properties"]["benchmark"]["default"], "knn");
+    let mut required: Vec<&str> = schema["required"]
+        .as_array()
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    required.sort_unstable();
+    assert_eq!(required, ["config", "model"]);
+    let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
+    for field in [
+        "phase",
+        "conditions",
+        "model",
+        "results",
+        "top1",
+        "resultsUrl",
+    ] {
+        assert!(status[field].is_object(), "status.{field} in the schema");
+    }
+}
+
 #[test]
 fn the_checked_in_crd_is_up_to_date() {
     let generated = ssl_training_crd_yaml().expect("the CRD renders");
     let on_disk = std::fs::read_to_string(CHECKED_IN).unwrap_or_else(|e| {
-        panic!("cannot read {CHECKED_IN}: {e}; create it with `cargo run -p vissl-operator -- crd > crds/manifests/ssltrainings.vissl.rs.yaml`")
+        panic!("cannot read {CHECKED_IN}: {e}; create it with `cargo run -p vissl-operator -- crd --kind ssltraining > crds/manifests/ssltrainings.vissl.rs.yaml`")
     });
     assert!(
         on_disk == generated,
         "{CHECKED_IN} differs from the code; regenerate it with \
-         `cargo run -p vissl-operator -- crd > crds/manifests/ssltrainings.vissl.rs.yaml`"
+         `cargo run -p vissl-operator -- crd --kind ssltraining > crds/manifests/ssltrainings.vissl.rs.yaml`"
     );
 }
 

@@ -88,15 +88,18 @@ fn chart_lints_in_every_mode() -> Result<()> {
 }
 
 #[test]
-fn chart_crd_is_the_generated_one() -> Result<()> {
-    let generated =
-        std::fs::read_to_string(repo_root().join("crds/manifests/ssltrainings.vissl.rs.yaml"))?;
-    let shipped = std::fs::read_to_string(chart().join("crds/ssltrainings.vissl.rs.yaml"))?;
-    ensure!(
-        generated == shipped,
-        "charts/vissl-operator/crds/ differs from crds/manifests/: \
-         cp crds/manifests/ssltrainings.vissl.rs.yaml charts/vissl-operator/crds/"
-    );
+fn chart_crds_are_the_generated_ones() -> Result<()> {
+    for file in ["ssltrainings.vissl.rs.yaml", "benchmarks.vissl.rs.yaml"] {
+        let generated = std::fs::read_to_string(repo_root().join("crds/manifests").join(file))
+            .with_context(|| format!("reading crds/manifests/{file}"))?;
+        let shipped = std::fs::read_to_string(chart().join("crds").join(file))
+            .with_context(|| format!("reading charts/vissl-operator/crds/{file}"))?;
+        ensure!(
+            generated == shipped,
+            "charts/vissl-operator/crds/{file} differs from crds/manifests/: \
+             cp crds/manifests/{file} charts/vissl-operator/crds/"
+        );
+    }
     Ok(())
 }
 
@@ -135,6 +138,23 @@ fn rbac_is_cluster_wide_or_namespaced_and_leader_election_only_with_replicas() -
         args.contains(&"--namespace=research") && args.contains(&"--leader-election"),
         "{args:?}"
     );
+    // Both resources the operator reconciles: watched, their status patched.
+    let cluster_role = cluster
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .context("no ClusterRole")?;
+    let rules = serde_yaml::to_string(&cluster_role["rules"])?;
+    for resource in [
+        "benchmarks",
+        "benchmarks/status",
+        "ssltrainings",
+        "ssltrainings/status",
+    ] {
+        assert!(
+            rules.contains(&format!("- {resource}\n")),
+            "{resource} in {rules}"
+        );
+    }
     // No secrets access, no wildcards.
     for doc in cluster.iter().chain(&namespaced) {
         if let Some(rules) = doc["rules"].as_sequence() {

@@ -5,10 +5,11 @@
 //! | --- | --- | --- |
 //! | 0 | done | - |
 //! | 64 | the config is invalid (unknown key, wrong type, bad value, bad layout) | no |
-//! | 65 | the data is invalid (dataset path missing, unreadable list files, no images) | no |
+//! | 65 | the data is invalid (dataset path missing, unreadable list files, no images; a benchmark's weights missing or damaged) | no |
 //! | 1 | anything else: a peer died, storage unreachable, out of memory, a bug | yes |
 //! | 128+N | killed by signal N (the shell's convention; the launcher reports it this way) | yes |
 
+use crate::benchmarks::weights::WeightsError;
 use crate::data::DataError;
 use crate::dist::DistError;
 use vissl_crds::config::ConfigError;
@@ -30,6 +31,9 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if cause.is::<ConfigError>() {
             return INVALID_CONFIG;
+        }
+        if let Some(weights) = cause.downcast_ref::<WeightsError>() {
+            return weights.exit_code();
         }
         match cause.downcast_ref::<DataError>() {
             Some(DataError::Config(_) | DataError::BadFile { .. }) => return INVALID_DATA,

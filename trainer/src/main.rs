@@ -62,7 +62,9 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum BenchmarkCommand {
-    /// Weighted kNN (NEAREST_NEIGHBOR.*) on features of DATA.TRAIN (memory) and DATA.TEST (queries).
+    /// Weighted kNN (NEAREST_NEIGHBOR.*) on features of DATA.TRAIN (memory) and DATA.TEST (queries). The
+    /// weights come from MODEL.WEIGHTS_INIT.PARAMS_FILE (else CHECKPOINT.DIR): a weights file, a checkpoint
+    /// folder, or a CHECKPOINT.DIR (its newest verified checkpoint), as a path or an s3:// gs:// az:// URL.
     Knn(commands::benchmark::KnnArgs),
 }
 

@@ -111,8 +111,10 @@ fn train_then_extract_then_knn_with_baselines() {
         "{}",
         text(&out)
     );
-    let rows: serde_json::Value =
+    let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
+    assert_eq!(report["test_samples"].as_i64(), Some(100));
+    let rows = &report["results"];
     let kinds: Vec<&str> = rows
         .as_array()
         .unwrap()
@@ -124,7 +126,6 @@ fn train_then_extract_then_knn_with_baselines() {
         let top1 = r["top1"].as_f64().unwrap();
         // Ten balanced-ish classes: anything sensible beats chance; 100% on 100 queries would mean a leak.
         assert!(top1 > 20.0 && top1 < 100.0, "{r}");
-        assert_eq!(r["total"].as_i64(), Some(100));
     }
 }
 

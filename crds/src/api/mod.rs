@@ -1,11 +1,17 @@
 //! The custom resources (API group `vissl.rs`, version `v1alpha1`).
 //!
 //! [`common`] holds what every pod-group resource shares (node group, config source, dataset,
-//! checkpoint, run policy, status pieces); [`ssl_training`] is the `SSLTraining` kind.
+//! checkpoint, run policy, status pieces); [`ssl_training`] is the `SSLTraining` kind, [`benchmark`]
+//! the `Benchmark` kind.
 
+pub mod benchmark;
 pub mod common;
 pub mod ssl_training;
 
+pub use benchmark::{
+    Benchmark, BenchmarkKind, BenchmarkResult, BenchmarkSpec, BenchmarkStatus, ModelSource,
+    ResultsSpec,
+};
 pub use common::{
     CheckpointSpec, CleanPodPolicy, Condition, ConditionStatus, ConfigSource, DatasetSpec,
     GroupStatus, LastCheckpoint, NodeGroupSpec, Phase, Progress, RunPolicy,
@@ -20,8 +26,18 @@ pub const VERSION: &str = "v1alpha1";
 /// The SSLTraining CustomResourceDefinition, with descriptions unwrapped (see [`unwrap_descriptions`]).
 pub fn ssl_training_crd(
 ) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
-    use kube::CustomResourceExt;
-    let mut crd = SSLTraining::crd();
+    crd_of::<SSLTraining>()
+}
+
+/// The Benchmark CustomResourceDefinition, with descriptions unwrapped.
+pub fn benchmark_crd(
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    crd_of::<Benchmark>()
+}
+
+fn crd_of<K: kube::CustomResourceExt>(
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    let mut crd = K::crd();
     for version in &mut crd.spec.versions {
         if let Some(schema) = version
             .schema
@@ -65,4 +81,14 @@ fn unwrap_descriptions(
 /// `crds/manifests/ssltrainings.vissl.rs.yaml` holds).
 pub fn ssl_training_crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&ssl_training_crd())
+}
+
+/// The Benchmark CustomResourceDefinition as YAML (`crds/manifests/benchmarks.vissl.rs.yaml`).
+pub fn benchmark_crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&benchmark_crd())
+}
+
+/// Every CustomResourceDefinition of vissl-rs as one multi-document YAML stream.
+pub fn all_crds_yaml() -> Result<String, serde_yaml::Error> {
+    Ok([ssl_training_crd_yaml()?, benchmark_crd_yaml()?].join("---\n"))
 }

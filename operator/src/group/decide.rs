@@ -195,7 +195,7 @@ fn cleanup(pods: &[ObservedPod], policy: CleanPodPolicy) -> Vec<String> {
 }
 
 /// Moves to Failed with this reason, and cleans up at once.
-fn fail(obs: &Observed, d: &mut Decision, reason: &'static str, message: String) {
+pub(super) fn fail(obs: &Observed, d: &mut Decision, reason: &'static str, message: String) {
     set_phase(obs, &mut d.status, Phase::Failed, reason, &message);
     d.status.completion_time = Some(Time(obs.now));
     d.notes.push(warning(reason, "Fail", message));
@@ -445,7 +445,13 @@ const PHASE_CONDITIONS: [(Phase, &str); 5] = [
 
 /// Moves to `phase`: its condition becomes True, the other phase conditions that were True become
 /// False with the same reason. Nothing changes when the phase is already `phase`.
-fn set_phase(obs: &Observed, status: &mut GroupStatus, phase: Phase, reason: &str, message: &str) {
+pub(super) fn set_phase(
+    obs: &Observed,
+    status: &mut GroupStatus,
+    phase: Phase,
+    reason: &str,
+    message: &str,
+) {
     if status.phase == phase {
         return;
     }
@@ -463,7 +469,7 @@ fn set_phase(obs: &Observed, status: &mut GroupStatus, phase: Phase, reason: &st
 }
 
 /// Sets a condition; its transition time changes only when its status does.
-fn set_condition(
+pub(super) fn set_condition(
     status: &mut GroupStatus,
     obs: &Observed,
     type_: &str,
@@ -490,7 +496,7 @@ fn set_condition(
     }
 }
 
-fn normal(reason: &'static str, action: &'static str, message: String) -> Note {
+pub(super) fn normal(reason: &'static str, action: &'static str, message: String) -> Note {
     Note {
         warning: false,
         reason,
@@ -499,7 +505,7 @@ fn normal(reason: &'static str, action: &'static str, message: String) -> Note {
     }
 }
 
-fn warning(reason: &'static str, action: &'static str, message: String) -> Note {
+pub(super) fn warning(reason: &'static str, action: &'static str, message: String) -> Note {
     Note {
         warning: true,
         reason,

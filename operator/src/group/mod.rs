@@ -9,6 +9,7 @@
 
 pub mod apply;
 pub mod decide;
+pub mod gate;
 pub mod observe;
 pub mod reasons;
 

@@ -34,7 +34,7 @@ mod service_account;
 mod status;
 
 use self::prepare::{prepare, PrepareError, PreparedContainer, PreparedPod};
-use self::status::{exited, State, StatusBook};
+use self::status::{exited, with_termination_message, State, StatusBook};
 use crate::control_plane::tail_file;
 use crate::reaper::{self, Registration};
 
@@ -643,7 +643,12 @@ impl Inner {
                             started: started.clone(),
                         },
                     );
-                    children.push((container.name, child, started));
+                    children.push((
+                        container.name,
+                        child,
+                        started,
+                        container.termination_message,
+                    ));
                 }
                 Err(err) => book.set(
                     init,
@@ -664,7 +669,7 @@ impl Inner {
         };
         let processes: Vec<u32> = children
             .iter()
-            .filter_map(|(_, child, _)| child.id())
+            .filter_map(|(_, child, _, _)| child.id())
             .collect();
         let groups: Vec<i32> = processes.iter().map(|&pid| pid as i32).collect();
         let _reaps: Vec<Registration> = groups.iter().map(|&g| reaper::track_group(g)).collect();
@@ -678,9 +683,9 @@ impl Inner {
 
         let mut waits: FuturesUnordered<_> = children
             .into_iter()
-            .map(|(name, mut child, started)| async move {
+            .map(|(name, mut child, started, message)| async move {
                 let status = child.wait().await;
-                (name, status, started)
+                (name, status, started, message)
             })
             .collect();
         let mut kill_deadline: Option<tokio::time::Instant> = None;
@@ -688,8 +693,8 @@ impl Inner {
         while !waits.is_empty() {
             let deadline = kill_deadline;
             tokio::select! {
-                Some((name, status, started)) = waits.next() => {
-                    let state = exited(status, started);
+                Some((name, status, started, message)) = waits.next() => {
+                    let state = with_termination_message(exited(status, started), message.as_deref());
                     if !matches!(state, State::Terminated { code: 0, .. }) {
                         outcome.all_zero = false;
                     }

@@ -38,6 +38,8 @@ pub(super) struct PreparedContainer {
     pub(super) logs: PathBuf,
     /// Its mounts under /var/run (the service-account token), at their real path.
     pub(super) private_run: Option<PrivateRun>,
+    /// The local file standing for the container's terminationMessagePath, read when it exits.
+    pub(super) termination_message: Option<PathBuf>,
 }
 
 pub(super) struct PreparedPod {
@@ -443,6 +445,15 @@ async fn resolve_container(
             local.display().to_string(),
         ));
     }
+    let termination_message = match container.termination_message_path.as_deref() {
+        Some(path) if !path.is_empty() => {
+            let local = termination_log(dir, &container.name);
+            create_empty(&local)?;
+            mounts.push((path.to_string(), local.display().to_string()));
+            Some(local)
+        }
+        _ => None,
+    };
     let image = container.image.as_deref().and_then(image_defaults);
     // What the image ships, unless a volume is mounted over it.
     if let Some(image) = &image {
@@ -569,7 +580,22 @@ async fn resolve_container(
         workdir,
         logs: dir.join("logs"),
         private_run,
+        termination_message,
     })
+}
+
+/// The file in the pod's folder that stands for a container's terminationMessagePath: every
+/// occurrence of that path in its env and args is rewritten to it, like a mount.
+fn termination_log(dir: &Path, container: &str) -> PathBuf {
+    dir.join("termination").join(container)
+}
+
+/// An empty file (as the kubelet mounts one), replacing what an earlier run of the container left.
+fn create_empty(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    fs::write(path, b"").with_context(|| format!("creating {}", path.display()))
 }
 
 /// Replaces each mount path (as a whole path prefix) in `value` by its local folder.
@@ -658,6 +684,26 @@ fn expand_refs(value: &str, env: &[(String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_termination_message_path_becomes_an_empty_file_in_the_pod_folder() {
+        let dir = std::env::temp_dir().join(format!("vissl-agent-term-{}", std::process::id()));
+        let local = termination_log(&dir, "trainer");
+        assert!(local.starts_with(&dir), "{}", local.display());
+        fs::create_dir_all(local.parent().expect("a parent")).expect("a folder");
+        fs::write(&local, b"left over").expect("writable");
+        create_empty(&local).expect("created");
+        assert_eq!(fs::read(&local).expect("readable"), b"");
+        let mounts = vec![(
+            "/dev/termination-log".to_string(),
+            local.display().to_string(),
+        )];
+        assert_eq!(
+            rewrite_mounts("/dev/termination-log", &mounts),
+            local.display().to_string()
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn mount_paths_are_rewritten_only_as_whole_path_prefixes() {

@@ -1,5 +1,6 @@
 //! The pod status the node agent writes back, in the shape a kubelet gives it.
 
+use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
 
@@ -35,6 +36,31 @@ pub(super) fn exited(status: std::io::Result<ExitStatus>, started: Value) -> Sta
             finished,
         },
     }
+}
+
+/// At most this much of a termination message reaches the pod status (the kubelet's limit).
+pub(super) const TERMINATION_MESSAGE_LIMIT: usize = 4096;
+
+/// The container's termination message, as the kubelet reads it: the file's first 4096 bytes
+/// (cut back to whole UTF-8 characters); `None` when the file is missing or empty.
+pub(super) fn termination_message(path: &Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let head = &bytes[..bytes.len().min(TERMINATION_MESSAGE_LIMIT)];
+    let text = match std::str::from_utf8(head) {
+        Ok(text) => text.to_string(),
+        Err(err) => String::from_utf8_lossy(&head[..err.valid_up_to()]).into_owned(),
+    };
+    (!text.is_empty()).then_some(text)
+}
+
+/// Puts the termination message from `path` (if any) into a terminated state.
+pub(super) fn with_termination_message(mut state: State, path: Option<&Path>) -> State {
+    if let (State::Terminated { message, .. }, Some(text)) =
+        (&mut state, path.and_then(termination_message))
+    {
+        *message = text;
+    }
+    state
 }
 
 /// A container's state as the pod status shows it.
@@ -264,5 +290,63 @@ impl StatusBook {
                 Err(_) => tokio::time::sleep(Duration::from_millis(200) * attempt).await,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn terminated(message: &str) -> State {
+        State::Terminated {
+            code: 0,
+            reason: "Completed".into(),
+            message: message.into(),
+            started: Value::Null,
+            finished: Value::Null,
+        }
+    }
+
+    fn message_of(state: &State) -> &str {
+        match state {
+            State::Terminated { message, .. } => message,
+            other => panic!("a terminated state, not {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_termination_message_file_becomes_the_terminated_message() {
+        let dir = std::env::temp_dir().join(format!("vissl-agent-msg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a folder");
+        let path = dir.join("trainer");
+        std::fs::write(&path, r#"{"benchmark":"knn"}"#).expect("writable");
+        let state = with_termination_message(terminated(""), Some(&path));
+        assert_eq!(message_of(&state), r#"{"benchmark":"knn"}"#);
+
+        // Empty or missing: the state keeps its own message.
+        std::fs::write(&path, b"").expect("writable");
+        let state = with_termination_message(terminated("kept"), Some(&path));
+        assert_eq!(message_of(&state), "kept");
+        let state = with_termination_message(terminated("kept"), Some(&dir.join("missing")));
+        assert_eq!(message_of(&state), "kept");
+        let state = with_termination_message(terminated("kept"), None);
+        assert_eq!(message_of(&state), "kept");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn long_messages_are_cut_at_4096_bytes_on_a_character_boundary() {
+        let dir = std::env::temp_dir().join(format!("vissl-agent-cut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a folder");
+        let path = dir.join("trainer");
+        std::fs::write(&path, "x".repeat(5000)).expect("writable");
+        assert_eq!(termination_message(&path).map(|m| m.len()), Some(4096));
+        // 4095 ASCII bytes then a 2-byte character across the limit: the character is dropped whole.
+        let text = format!("{}é and more", "y".repeat(4095));
+        std::fs::write(&path, text).expect("writable");
+        let cut = termination_message(&path).expect("a message");
+        assert_eq!(cut.len(), 4095);
+        assert!(cut.chars().all(|c| c == 'y'));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

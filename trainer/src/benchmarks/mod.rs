@@ -1,3 +1,5 @@
 //! Evaluation benchmarks on frozen features.
 
 pub mod knn;
+pub mod report;
+pub mod weights;

@@ -20,6 +20,8 @@ use tch::Tensor;
 
 /// The manifest's file name inside a checkpoint folder.
 pub const MANIFEST: &str = "manifest.json";
+/// The tensor group holding the model's weights.
+pub const MODEL_GROUP: &str = "model";
 const FOLDER_PREFIX: &str = "checkpoint_iter";
 const FORMAT_VERSION: u32 = 1;
 
@@ -124,6 +126,11 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The local file of the model's tensors (the `model` group).
+    pub fn model_file(&self) -> PathBuf {
+        self.folder.join(format!("{MODEL_GROUP}.safetensors"))
+    }
+
     /// Read one tensor group (`model`, `optimizer`, ...) of this checkpoint.
     pub fn tensors(&self, group: &str) -> Result<Vec<(String, Tensor)>> {
         let path = self.folder.join(format!("{group}.safetensors"));
@@ -361,6 +368,21 @@ impl CheckpointDir {
         }
         Ok(removed)
     }
+}
+
+/// The checkpoint `location` names: a checkpoint folder (verified) or a CHECKPOINT.DIR (its newest verified
+/// checkpoint, the rule resume follows); `None` when it holds no complete, intact checkpoint.
+pub fn find(location: &Location) -> Result<Option<Checkpoint>> {
+    if !Storage::open(location)?.exists(MANIFEST)? {
+        return CheckpointDir::open(location)?.latest();
+    }
+    let parent = location.parent().ok_or_else(|| CheckpointError::Invalid {
+        path: location.to_string(),
+        reason: "a checkpoint folder cannot be a bucket root".into(),
+    })?;
+    CheckpointDir::open(&parent)?
+        .verify(&location.file_name())
+        .map(Some)
 }
 
 fn sha256_file(path: &Path) -> Result<(u64, String)> {

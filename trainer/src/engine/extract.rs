@@ -2,6 +2,7 @@
 //! in evaluation mode over a split and keep the chosen layer's features with labels and sample indices.
 
 use crate::data::SplitPipeline;
+use crate::dist::group::ProcessGroup;
 use crate::models::BaseSslModel;
 use anyhow::{anyhow, Context, Result};
 use std::path::{Path, PathBuf};
@@ -91,15 +92,74 @@ pub fn extract_split(
     if feats.is_empty() {
         return Err(anyhow!("split {} produced no batch", split.dataset.split()));
     }
-    let features = Tensor::cat(&feats, 0);
-    let labels = Tensor::cat(&labels, 0);
-    let indices = Tensor::cat(&indices, 0);
-    // The sampler shuffles; sort by dataset index so outputs line up with the dataset and across runs.
-    let order = indices.argsort(0, false);
+    // The sampler shuffles; index order lines outputs up with the dataset and across runs.
+    in_index_order(SplitFeatures {
+        features: Tensor::cat(&feats, 0),
+        labels: Tensor::cat(&labels, 0),
+        indices: Tensor::cat(&indices, 0),
+    })
+}
+
+/// The rows of `f` sorted by dataset index, each index once (a distributed sampler pads its shards
+/// by repeating samples).
+fn in_index_order(f: SplitFeatures) -> Result<SplitFeatures> {
+    let order = f.indices.argsort(0, false);
+    let sorted = Vec::<i64>::try_from(&f.indices.index_select(0, &order))?;
+    let positions = Vec::<i64>::try_from(&order)?;
+    let keep: Vec<i64> = positions
+        .iter()
+        .zip(&sorted)
+        .enumerate()
+        .filter(|(i, (_, index))| *i == 0 || sorted[i - 1] != **index)
+        .map(|(_, (position, _))| *position)
+        .collect();
+    let keep = Tensor::from_slice(&keep);
     Ok(SplitFeatures {
-        features: features.index_select(0, &order),
-        labels: labels.index_select(0, &order),
-        indices: indices.index_select(0, &order),
+        features: f.features.index_select(0, &keep),
+        labels: f.labels.index_select(0, &keep),
+        indices: f.indices.index_select(0, &keep),
+    })
+}
+
+/// Every rank's features of a split (each rank extracted its shard), on every rank, in dataset-index
+/// order with each sample once: what one process extracting the whole split gets. The collectives run
+/// on `device` (NCCL needs GPU tensors); the result is on the CPU.
+pub fn gather_split(
+    local: &SplitFeatures,
+    group: &ProcessGroup,
+    device: Device,
+) -> Result<SplitFeatures> {
+    let all_gather = |t: &Tensor| -> Result<Tensor> {
+        Ok(group
+            .all_gather(&t.to_device(device))?
+            .to_device(Device::Cpu))
+    };
+    let count = local.indices.size().first().copied().unwrap_or(0);
+    let counts = Vec::<i64>::try_from(&all_gather(&Tensor::from_slice(&[count]))?)?;
+    let longest = counts.iter().copied().max().unwrap_or(0);
+    // all_gather needs the same shape everywhere: pad each shard to the longest, then cut the padding.
+    let gather = |t: &Tensor| -> Result<Tensor> {
+        let mut shape = t.size();
+        shape[0] = longest - count;
+        let padded = Tensor::cat(
+            &[
+                t.shallow_clone(),
+                Tensor::zeros(&shape, (t.kind(), t.device())),
+            ],
+            0,
+        );
+        all_gather(&padded)
+    };
+    let rows: Vec<i64> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(rank, &n)| (0..n).map(move |i| rank as i64 * longest + i))
+        .collect();
+    let rows = Tensor::from_slice(&rows);
+    in_index_order(SplitFeatures {
+        features: gather(&local.features)?.index_select(0, &rows),
+        labels: gather(&local.labels)?.index_select(0, &rows),
+        indices: gather(&local.indices)?.index_select(0, &rows),
     })
 }
 

@@ -951,13 +951,9 @@ pub fn resolve_weights_file(source: &Path) -> Result<PathBuf> {
     if source.is_file() {
         return Ok(source.to_path_buf());
     }
-    let ckpt = if source.join(checkpoint::MANIFEST).exists() {
-        checkpoint::verify(source)?
-    } else {
-        checkpoint::latest(source)?
-            .ok_or_else(|| anyhow!("no verified checkpoint under {}", source.display()))?
-    };
-    Ok(ckpt.folder.join("model.safetensors"))
+    let ckpt = checkpoint::find(&Location::Local(source.to_path_buf()))?
+        .ok_or_else(|| anyhow!("no verified checkpoint under {}", source.display()))?;
+    Ok(ckpt.model_file())
 }
 
 /// Initialise `model` from `source` (see [`resolve_weights_file`]) with MODEL.WEIGHTS_INIT's rules

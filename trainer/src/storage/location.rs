@@ -125,6 +125,29 @@ impl Location {
         }
     }
 
+    /// The folder holding this file or folder; `None` for a bucket root or a path without a parent.
+    pub fn parent(&self) -> Option<Location> {
+        match self {
+            // A bare file name lives in the working directory.
+            Location::Local(path) => path.parent().map(|p| match p.as_os_str().is_empty() {
+                true => Location::Local(".".into()),
+                false => Location::Local(p.to_path_buf()),
+            }),
+            Location::Remote {
+                scheme,
+                bucket,
+                key,
+            } => (!key.is_empty()).then(|| Location::Remote {
+                scheme: *scheme,
+                bucket: bucket.clone(),
+                key: key
+                    .rsplit_once('/')
+                    .map_or("", |(head, _)| head)
+                    .to_string(),
+            }),
+        }
+    }
+
     /// The local path, when this is one.
     pub fn local_path(&self) -> Option<&Path> {
         match self {
@@ -218,6 +241,23 @@ mod tests {
             bucket: bucket.into(),
             key: key.into(),
         }
+    }
+
+    #[test]
+    fn parent_steps_one_folder_up() {
+        let parent = |text: &str| Location::parse(text).unwrap().parent();
+        assert_eq!(
+            parent("s3://b/ckpt/run1/x.json"),
+            Some(remote(Scheme::S3, "b", "ckpt/run1"))
+        );
+        assert_eq!(parent("s3://b/x.json"), Some(remote(Scheme::S3, "b", "")));
+        assert_eq!(parent("s3://b"), None);
+        assert_eq!(
+            parent("/data/x.json"),
+            Some(Location::Local("/data".into()))
+        );
+        assert_eq!(parent("x.json"), Some(Location::Local(".".into())));
+        assert_eq!(parent("/"), None);
     }
 
     #[test]
