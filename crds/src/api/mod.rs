@@ -8,7 +8,8 @@ pub mod ssl_training;
 
 pub use common::{
     CheckpointSpec, CleanPodPolicy, Condition, ConditionStatus, ConfigSource, DatasetSpec,
-    GroupStatus, LastCheckpoint, NodeGroupSpec, Phase, Progress, RunPolicy,
+    GangScheduler, GroupStatus, LastCheckpoint, NodeGroupSpec, Phase, Progress, RunPolicy,
+    SchedulingSpec,
 };
 pub use ssl_training::{SSLTraining, SSLTrainingSpec, SSLTrainingStatus};
 

@@ -463,7 +463,7 @@ fn set_phase(obs: &Observed, status: &mut GroupStatus, phase: Phase, reason: &st
 }
 
 /// Sets a condition; its transition time changes only when its status does.
-fn set_condition(
+pub(super) fn set_condition(
     status: &mut GroupStatus,
     obs: &Observed,
     type_: &str,
@@ -490,7 +490,8 @@ fn set_condition(
     }
 }
 
-fn normal(reason: &'static str, action: &'static str, message: String) -> Note {
+/// A Normal Event.
+pub(super) fn normal(reason: &'static str, action: &'static str, message: String) -> Note {
     Note {
         warning: false,
         reason,
@@ -499,7 +500,8 @@ fn normal(reason: &'static str, action: &'static str, message: String) -> Note {
     }
 }
 
-fn warning(reason: &'static str, action: &'static str, message: String) -> Note {
+/// A Warning Event.
+pub(super) fn warning(reason: &'static str, action: &'static str, message: String) -> Note {
     Note {
         warning: true,
         reason,

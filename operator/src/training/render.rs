@@ -91,6 +91,13 @@ fn child_meta(
     })
 }
 
+/// Metadata of the training's PodGroup (gang scheduling): named like the training, labelled and
+/// owned like the other children.
+pub fn pod_group_meta(training: &SSLTraining) -> Result<ObjectMeta> {
+    let name = training.name_any();
+    child_meta(training, name.clone(), labels(&name))
+}
+
 /// The Service, the ConfigMap and the pods of `ranks` for one attempt.
 pub fn children(training: &SSLTraining, ranks: &[usize], input: &RenderInput) -> Result<Children> {
     let name = training.name_any();
