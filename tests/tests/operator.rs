@@ -18,6 +18,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use vissl_crds::api::{Phase, SSLTraining};
+use vissl_e2e::operator_process::{free_port, http, OperatorProcess as Operator};
 use vissl_e2e::{
     apply_crd_file, create_namespace, repo_root, shared_cluster, wait_for, TestCluster,
 };
@@ -26,100 +27,6 @@ use vissl_e2e::{
 static TRAINING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// One plain HTTP/1.1 request: (status code, body).
-fn http(address: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no HTTP status")?;
-    Ok((code, body.to_string()))
-}
-
-/// A `vissl-operator run` process watching one namespace; killed (SIGKILL) when dropped.
-struct Operator {
-    child: Child,
-    log: PathBuf,
-    metrics: SocketAddr,
-}
-
-impl Operator {
-    fn start(cluster: &TestCluster, namespace: &str, dir: &Path, name: &str) -> Result<Self> {
-        let binary = std::env::var_os("VISSL_OPERATOR_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target/release/vissl-operator"));
-        ensure!(
-            binary.is_file(),
-            "{} is missing: build it with `cargo build --release --bins` (make test does)",
-            binary.display()
-        );
-        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new(&binary)
-            .args(["run", "--namespace", namespace, "--metrics-addr"])
-            .arg(metrics.to_string())
-            .arg("--configs-root")
-            .arg(repo_root().join("configs"))
-            .env("KUBECONFIG", cluster.control_plane.kubeconfig_path())
-            .env("RUST_LOG", "info,kube=warn")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(Self {
-            child,
-            log,
-            metrics,
-        })
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    async fn metrics(&self) -> Result<String> {
-        let address = self.metrics;
-        let (code, body) =
-            tokio::task::spawn_blocking(move || http(address, "GET", "/metrics")).await??;
-        ensure!(code == 200, "/metrics answered {code}");
-        Ok(body)
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        // The test harness shows a test's output only when it fails: that is when this log matters.
-        eprintln!(
-            "==== operator log ({}) ====\n{}",
-            self.log.display(),
-            self.log_tail()
-        );
-        self.kill();
-    }
-}
 
 /// Everything one test needs: the cluster, a client, its namespace, a scratch folder and its operator.
 struct Scenario {
