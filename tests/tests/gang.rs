@@ -383,3 +383,44 @@ async fn volcano_gang_waits_for_its_crd_then_creates_the_group_before_pods() -> 
     assert_group_created_first(&added).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_api_server_refuses_settings_of_another_gang() -> Result<()> {
+    let s = Scenario::new("gang-cel").await?;
+    for (scheduling, message) in [
+        (
+            json!({"gang": "SchedulerPlugins", "queue": "research"}),
+            "scheduling.queue is a volcano queue",
+        ),
+        (
+            json!({"gang": "Volcano", "scheduleTimeoutSeconds": 60}),
+            "scheduling.scheduleTimeoutSeconds is scheduler-plugins' PodGroup timeout",
+        ),
+        (
+            json!({"schedulerName": "volcano"}),
+            "scheduling.schedulerName and scheduling.minResources belong to a gang",
+        ),
+        (
+            json!({"minResources": {"cpu": "4"}}),
+            "scheduling.schedulerName and scheduling.minResources belong to a gang",
+        ),
+    ] {
+        let refused = s.create_training("nonsense", scheduling.clone()).await;
+        let error = match refused {
+            Ok(_) => bail!("the API server accepted scheduling {scheduling}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            error.contains(message) && error.contains("422"),
+            "scheduling {scheduling}: {error}"
+        );
+    }
+    // Each gang's own settings pass.
+    s.create_training(
+        "fine",
+        json!({"gang": "Volcano", "queue": "research", "schedulerName": "volcano",
+               "minResources": {"cpu": "4"}}),
+    )
+    .await?;
+    Ok(())
+}

@@ -5,9 +5,8 @@
 //! Each test runs its own `vissl-operator` process scoped to its own namespace, so tests do not see each
 //! other's objects; trainings take a lock so that at most one trains at a time on the 2-core machine.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
