@@ -3,8 +3,10 @@
 //! the pods join it, the garbage collector deletes it with the training, and a training whose PodGroup
 //! CRD is not installed waits with a condition and no pods until the CRD appears.
 //!
-//! No gang scheduler runs here, so the pods stay Pending (nothing binds pods whose schedulerName is
-//! not `default-scheduler`): these tests check the objects and their order, not the placement.
+//! In most tests no gang scheduler runs, so the pods stay Pending (nothing binds pods whose
+//! schedulerName is not `default-scheduler`): they check the objects and their order. The last one
+//! runs scheduler-plugins' own scheduler (scripts/upstream-crds/build-scheduler) under a profile name
+//! of its own and shows a 2-pod gang bind nothing while only one pod fits, and both once both fit.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +24,7 @@ use vissl_crds::api::{ConditionStatus, SSLTraining};
 use vissl_e2e::operator_process::{free_port, OperatorProcess};
 use vissl_e2e::{
     apply_crd_file, apply_upstream_crd, create_namespace, repo_root, shared_cluster, wait_for,
-    TestCluster,
+    NodeAgent, NodeAgentOptions, TestCluster,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -422,5 +424,164 @@ async fn the_api_server_refuses_settings_of_another_gang() -> Result<()> {
                "minResources": {"cpu": "4"}}),
     )
     .await?;
+    Ok(())
+}
+
+/// A process killed (SIGKILL) and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// scheduler-plugins' kube-scheduler, built by scripts/upstream-crds/build-scheduler.
+fn coscheduling_scheduler_binary() -> Result<std::path::PathBuf> {
+    let script = repo_root().join("scripts/upstream-crds/build-scheduler");
+    let out = std::process::Command::new(&script)
+        .arg("--print-bin")
+        .output()
+        .with_context(|| format!("running {} --print-bin", script.display()))?;
+    let binary = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    ensure!(
+        out.status.success() && binary.is_file(),
+        "scheduler-plugins' scheduler is missing ({}): run scripts/setup (or scripts/upstream-crds/build-scheduler)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// The extended resource each gang pod requests once; a node offering one fits one pod.
+const SLOT: &str = "vissl.rs/gang-slot";
+/// The scheduler profile of this test only, so no other test's pods are placed by it.
+const COSCHEDULER: &str = "vissl-test-coscheduling";
+
+fn slot_nodes(prefix: &str) -> NodeAgentOptions {
+    let mut options = NodeAgentOptions {
+        node_prefix: prefix.into(),
+        ..NodeAgentOptions::default()
+    };
+    options.capacity.insert(SLOT.into(), "1".into());
+    options
+}
+
+#[tokio::test]
+async fn coscheduling_binds_a_gang_only_when_all_of_it_fits() -> Result<()> {
+    let binary = coscheduling_scheduler_binary()?;
+    let s = Scenario::new("gang-fit").await?;
+    let _logs = s.cluster.logs_on_failure(&s.namespace);
+    apply_upstream_crd(&s.client, "scheduling.x-k8s.io_podgroups.yaml").await?;
+
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = s.cluster.control_plane.kubeconfig_path();
+    let config = dir.path().join("scheduler.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: kubescheduler.config.k8s.io/v1
+kind: KubeSchedulerConfiguration
+leaderElection: {{leaderElect: false}}
+clientConnection: {{kubeconfig: \"{}\"}}
+profiles:
+- schedulerName: {COSCHEDULER}
+  plugins:
+    multiPoint: {{enabled: [{{name: Coscheduling}}]}}
+    queueSort: {{enabled: [{{name: Coscheduling}}], disabled: [{{name: \"*\"}}]}}
+  pluginConfig:
+  - name: Coscheduling
+    args: {{permitWaitingTimeSeconds: 10}}
+",
+            kubeconfig.display()
+        ),
+    )?;
+    let log = dir.path().join("scheduler.log");
+    let out = std::fs::File::create(&log)?;
+    let _scheduler = KillOnDrop(
+        std::process::Command::new(&binary)
+            .arg(format!("--config={}", config.display()))
+            .arg(format!(
+                "--authentication-kubeconfig={}",
+                kubeconfig.display()
+            ))
+            .arg(format!(
+                "--authorization-kubeconfig={}",
+                kubeconfig.display()
+            ))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={}", free_port()?))
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?,
+    );
+    let scheduler_log = || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    };
+
+    // Room for one pod of the gang: one node offering one slot.
+    let _first = NodeAgent::start(s.client.clone(), 1, slot_nodes("gang-fit-a")).await?;
+    // One slot and a little CPU per pod. minResources names only the CPU, so the plugin's up-front
+    // check passes and the all-or-nothing decision is the Permit stage's (pods wait there for the
+    // whole group; a lone pod is rejected after permitWaitingTimeSeconds instead of being bound).
+    let per_pod = json!({SLOT: "1", "cpu": "100m"});
+    let mut training: SSLTraining = serde_json::from_value(json!({
+        "apiVersion": "vissl.rs/v1alpha1",
+        "kind": "SSLTraining",
+        "metadata": {"name": "fit"},
+        "spec": {
+            "numNodes": 2,
+            "masterPort": free_port()?,
+            "resources": {"requests": per_pod, "limits": per_pod},
+            "config": {"name": "pretrain/simclr/quick_cpu_fmnist"},
+            "scheduling": {"gang": "SchedulerPlugins", "schedulerName": COSCHEDULER,
+                           "minResources": {"cpu": "200m"}},
+        },
+    }))?;
+    training = s
+        .api::<SSLTraining>()
+        .create(&PostParams::default(), &training)
+        .await?;
+    wait_for("2 pods", TIMEOUT, || async {
+        let n = s.training_pods("fit").await?.len();
+        ensure!(n == 2, "{n} pod(s)");
+        Ok(())
+    })
+    .await?;
+    // Twice the scheduler's permit wait: a partial gang would have been bound by now.
+    let bound = |pods: &[Pod]| -> Vec<String> {
+        pods.iter()
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .collect()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < until {
+        let pods = s.training_pods("fit").await?;
+        let nodes = bound(&pods);
+        assert!(
+            nodes.is_empty(),
+            "a gang that does not fit bound pods to {nodes:?}\n{}",
+            scheduler_log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Room for the whole gang: a second one-slot node. Both pods bind, one per node.
+    let _second = NodeAgent::start(s.client.clone(), 1, slot_nodes("gang-fit-b")).await?;
+    let nodes = wait_for("both pods to be bound", Duration::from_secs(90), || async {
+        let mut nodes = bound(&s.training_pods("fit").await?);
+        ensure!(nodes.len() == 2, "bound to {nodes:?}\n{}", scheduler_log());
+        nodes.sort();
+        Ok(nodes)
+    })
+    .await?;
+    assert_eq!(nodes, vec!["gang-fit-a-0", "gang-fit-b-0"]);
+    s.api::<SSLTraining>()
+        .delete(&training.name_any(), &DeleteParams::default())
+        .await?;
     Ok(())
 }
