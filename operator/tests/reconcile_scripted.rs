@@ -4,14 +4,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::client::Body;
 use kube::Client;
 use serde_json::{json, Value};
 use tower_test::mock::{self, Handle};
 use vissl_crds::api::{
-    ConfigSource, NodeGroupSpec, RunPolicy, SSLTraining, SSLTrainingSpec, SSLTrainingStatus,
+    ConfigSource, GangScheduler, NodeGroupSpec, RunPolicy, SSLTraining, SSLTrainingSpec,
+    SSLTrainingStatus, SchedulingSpec,
 };
 use vissl_operator::metrics::Metrics;
 use vissl_operator::training::{reconcile, Context, Settings};
@@ -36,6 +41,7 @@ fn training(status: Option<SSLTrainingStatus>) -> SSLTraining {
             dataset: None,
             checkpoint: None,
             run_policy: RunPolicy::default(),
+            scheduling: SchedulingSpec::default(),
         },
     );
     t.metadata = ObjectMeta {
@@ -75,6 +81,16 @@ async fn answer(
     expect: Expect,
     reply: impl FnOnce(&Value) -> Value,
 ) -> (String, Value) {
+    answer_with(handle, expect, 200, reply).await
+}
+
+/// [`answer`] with an HTTP status code.
+async fn answer_with(
+    handle: &mut ApiHandle,
+    expect: Expect,
+    code: u16,
+    reply: impl FnOnce(&Value) -> Value,
+) -> (String, Value) {
     let (request, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
         .await
         .unwrap_or_else(|_| {
@@ -105,6 +121,7 @@ async fn answer(
     let response = serde_json::to_vec(&reply(&body)).expect("JSON");
     send.send_response(
         Response::builder()
+            .status(code)
             .body(Body::from(response))
             .expect("response"),
     );
@@ -352,6 +369,159 @@ async fn a_failed_pod_deletes_the_whole_group_and_counts_a_restart() {
         assert_eq!(status["phase"], "Restarting");
         assert_eq!(status["restarts"], 1);
         assert_eq!(status["attempt"], 1);
+    })
+    .await;
+}
+
+fn gang_training(gang: GangScheduler) -> SSLTraining {
+    let mut t = training(None);
+    t.spec.scheduling.gang = gang;
+    t.spec.nodes.resources = Some(ResourceRequirements {
+        requests: Some(BTreeMap::from([("cpu".into(), Quantity("2".into()))])),
+        ..ResourceRequirements::default()
+    });
+    t
+}
+
+fn pod_group_path(group_version: &str) -> String {
+    format!("/apis/{group_version}/namespaces/{NS}/podgroups/{NAME}")
+}
+
+#[tokio::test]
+async fn a_gang_applies_the_pod_group_before_any_pod() {
+    reconcile_with(
+        gang_training(GangScheduler::SchedulerPlugins),
+        |mut h| async move {
+            expect_list(&mut h, vec![]).await;
+            // The first write of the reconcile is the PodGroup: nothing exists before it.
+            let group = expect_apply(&mut h, pod_group_path("scheduling.x-k8s.io/v1alpha1")).await;
+            assert_eq!(group["kind"], "PodGroup");
+            assert_eq!(group["spec"]["minMember"], 2);
+            assert_eq!(group["spec"]["minResources"], json!({"cpu": "4"}));
+            assert_eq!(
+                group["metadata"]["ownerReferences"][0]["kind"],
+                "SSLTraining"
+            );
+            assert_eq!(group["metadata"]["ownerReferences"][0]["controller"], true);
+            expect_apply(&mut h, format!("/api/v1/namespaces/{NS}/services/{NAME}")).await;
+            expect_apply(
+                &mut h,
+                format!("/api/v1/namespaces/{NS}/configmaps/{NAME}-config"),
+            )
+            .await;
+            for rank in 0..2 {
+                let pod = expect_apply(
+                    &mut h,
+                    format!("/api/v1/namespaces/{NS}/pods/{NAME}-node-{rank}"),
+                )
+                .await;
+                assert_eq!(
+                    pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"],
+                    NAME
+                );
+                assert_eq!(pod["spec"]["schedulerName"], "scheduler-plugins-scheduler");
+            }
+            expect_event(&mut h, "PodGroupApplied").await;
+            expect_event(&mut h, "CreatedGroup").await;
+            let status = expect_status_patch(&mut h).await;
+            let conditions = status["conditions"].as_array().expect("conditions");
+            assert!(
+                conditions.iter().any(|c| c["type"] == "PodGroupCreated"
+                    && c["status"] == "True"
+                    && c["reason"] == "PodGroupApplied"),
+                "{status}"
+            );
+        },
+    )
+    .await;
+}
+
+/// The PodGroup apply is refused with `code`: no other child is created, a Warning Event with
+/// `reason` whose note contains `hints`, and PodGroupCreated=False.
+async fn refused_pod_group_holds_the_pods(
+    gang: GangScheduler,
+    group_version: &'static str,
+    code: u16,
+    reason: &'static str,
+    hints: &'static [&'static str],
+) {
+    reconcile_with(gang_training(gang), move |mut h| async move {
+        expect_list(&mut h, vec![]).await;
+        answer_with(
+            &mut h,
+            Expect {
+                method: Method::PATCH,
+                path: pod_group_path(group_version),
+            },
+            code,
+            |_| {
+                let reason = if code == 404 { "NotFound" } else { "Forbidden" };
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                       "message": "refused by the scripted server", "reason": reason, "code": code})
+            },
+        )
+        .await;
+        // No Service, ConfigMap or pod: straight to the Event and the status.
+        let event = expect_event(&mut h, reason).await;
+        assert_eq!(event["type"], "Warning");
+        let note = event["note"].as_str().unwrap_or("");
+        for hint in hints {
+            assert!(note.contains(hint), "{hint:?} in {note}");
+        }
+        let status = expect_status_patch(&mut h).await;
+        assert_eq!(status["phase"], "Pending");
+        let conditions = status["conditions"].as_array().expect("conditions");
+        assert!(
+            conditions.iter().any(|c| c["type"] == "PodGroupCreated"
+                && c["status"] == "False"
+                && c["reason"] == reason),
+            "{status}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_the_pod_group_crd_no_pod_is_created() {
+    refused_pod_group_holds_the_pods(
+        GangScheduler::Volcano,
+        "scheduling.volcano.sh/v1beta1",
+        404,
+        "PodGroupUnavailable",
+        &["podgroups.scheduling.volcano.sh", "install volcano"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn without_rights_on_pod_groups_no_pod_is_created() {
+    refused_pod_group_holds_the_pods(
+        GangScheduler::SchedulerPlugins,
+        "scheduling.x-k8s.io/v1alpha1",
+        403,
+        "PodGroupForbidden",
+        &[
+            "gangScheduling.schedulerPlugins=true",
+            "refused by the scripted server",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_group_restart_keeps_the_pod_group() {
+    // Attempt 0 failed: the restart deletes pods only; the PodGroup is neither deleted nor touched.
+    let mut status = SSLTrainingStatus::default();
+    status.group.phase = vissl_crds::api::Phase::Running;
+    let mut t = gang_training(GangScheduler::SchedulerPlugins);
+    t.status = Some(status);
+    reconcile_with(t, |mut h| async move {
+        expect_list(&mut h, vec![failed_pod(0, 1), running_pod(1)]).await;
+        expect_delete(&mut h, &format!("{NAME}-node-0")).await;
+        expect_delete(&mut h, &format!("{NAME}-node-1")).await;
+        expect_event(&mut h, "PodFailed").await;
+        let status = expect_status_patch(&mut h).await;
+        assert_eq!(status["phase"], "Restarting");
     })
     .await;
 }

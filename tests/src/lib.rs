@@ -97,6 +97,37 @@ pub async fn apply_crd_file(client: &Client, path: &Path) -> Result<CustomResour
     wait_crd_established(client, &name, Duration::from_secs(30)).await
 }
 
+/// The folder of the upstream CRDs (PodGroups, prometheus-operator's monitors) that
+/// `scripts/upstream-crds/fetch` (run by scripts/setup) keeps; an error says how to get them.
+pub fn upstream_crds_dir() -> Result<PathBuf> {
+    let script = repo_root().join("scripts/upstream-crds/fetch");
+    let out = std::process::Command::new(&script)
+        .arg("--print-dir")
+        .output()
+        .with_context(|| format!("running {} --print-dir", script.display()))?;
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !out.status.success() || !dir.is_dir() {
+        bail!(
+            "the upstream CRDs are missing ({}): run scripts/setup (or scripts/upstream-crds/fetch)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// Applies the upstream CRD file `file` (a name in [`upstream_crds_dir`]) and waits until it is
+/// Established.
+pub async fn apply_upstream_crd(client: &Client, file: &str) -> Result<CustomResourceDefinition> {
+    let path = upstream_crds_dir()?.join(file);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: run scripts/setup (or scripts/upstream-crds/fetch --force)",
+            path.display()
+        );
+    }
+    apply_crd_file(client, &path).await
+}
+
 /// Waits until CRD `name` has condition Established=True.
 pub async fn wait_crd_established(
     client: &Client,

@@ -1,13 +1,14 @@
 //! The Helm chart: `helm lint`, `helm template` in each mode, every rendered object accepted by the real API
 //! server (server-side dry run, so schemas and admission run), the chart's CRD equal to the generated one,
-//! RBAC that grants what the operator uses and no more, and the alert rules checked by `promtool`.
+//! RBAC that grants what the operator uses and no more, and the alert rules checked by `promtool`. The
+//! monitors and alerts are dry-run too, against prometheus-operator's CRDs (scripts/upstream-crds/fetch).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context, Result};
 use std::io::Write;
-use vissl_e2e::{create_namespace, helm_binary as helm, repo_root, shared_cluster};
+use vissl_e2e::{apply_upstream_crd, create_namespace, helm_binary as helm, repo_root, shared_cluster};
 
 fn chart() -> PathBuf {
     repo_root().join("charts/vissl-operator")
@@ -71,6 +72,10 @@ fn chart_lints_in_every_mode() -> Result<()> {
             "metrics.serviceMonitor.enabled=true",
             "metrics.trainerPodMonitor.enabled=true",
             "prometheusRule.enabled=true",
+        ],
+        vec![
+            "gangScheduling.schedulerPlugins=true",
+            "gangScheduling.volcano=true",
         ],
     ] {
         let mut cmd = Command::new(helm()?);
@@ -167,6 +172,69 @@ fn rbac_is_cluster_wide_or_namespaced_and_leader_election_only_with_replicas() -
     Ok(())
 }
 
+/// The (apiGroups, resources, verbs) of every RBAC rule rendered, flattened.
+fn rules(docs: &[serde_yaml::Value]) -> Vec<(String, String, Vec<String>)> {
+    let strings = |v: &serde_yaml::Value| -> Vec<String> {
+        v.as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect()
+    };
+    let mut out = Vec::new();
+    for rule in docs
+        .iter()
+        .filter_map(|d| d["rules"].as_sequence())
+        .flatten()
+    {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                out.push((group.clone(), resource, strings(&rule["verbs"])));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn pod_group_rights_only_when_switched_on_and_only_create_and_patch() -> Result<()> {
+    let pod_group_rules = |docs: &[serde_yaml::Value]| -> Vec<(String, Vec<String>)> {
+        rules(docs)
+            .into_iter()
+            .filter(|(_, resource, _)| resource == "podgroups")
+            .map(|(group, _, verbs)| (group, verbs))
+            .collect()
+    };
+    assert_eq!(pod_group_rules(&template("ops", &[])?), vec![]);
+    let create_patch = vec!["create".to_string(), "patch".to_string()];
+    for namespaced in [false, true] {
+        let mut sets = vec!["gangScheduling.volcano=true"];
+        if namespaced {
+            sets.push("watchNamespace=research");
+        }
+        assert_eq!(
+            pod_group_rules(&template("ops", &sets)?),
+            vec![("scheduling.volcano.sh".to_string(), create_patch.clone())],
+            "{sets:?}"
+        );
+    }
+    let both = template(
+        "ops",
+        &[
+            "gangScheduling.schedulerPlugins=true",
+            "gangScheduling.volcano=true",
+        ],
+    )?;
+    assert_eq!(
+        pod_group_rules(&both),
+        vec![
+            ("scheduling.x-k8s.io".to_string(), create_patch.clone()),
+            ("scheduling.volcano.sh".to_string(), create_patch),
+        ]
+    );
+    Ok(())
+}
+
 #[test]
 fn alert_rules_pass_promtool() -> Result<()> {
     let docs = template("ops", &["prometheusRule.enabled=true"])?;
@@ -228,7 +296,26 @@ async fn rendered_objects_pass_server_side_dry_run_on_the_real_api_server() -> R
     cmd.args(["apply", "--server-side", "-f"])
         .arg(chart().join("crds"));
     run(cmd, "kubectl apply of the chart's CRD")?;
-    for sets in [vec![], vec!["replicaCount=3", "watchNamespace=default"]] {
+    // prometheus-operator's CRDs (scripts/upstream-crds/fetch), so the monitors and alerts are checked too.
+    for crd in [
+        "monitoring.coreos.com_servicemonitors.yaml",
+        "monitoring.coreos.com_podmonitors.yaml",
+        "monitoring.coreos.com_prometheusrules.yaml",
+    ] {
+        apply_upstream_crd(&client, crd).await?;
+    }
+    let monitored = vec![
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.trainerPodMonitor.enabled=true",
+        "prometheusRule.enabled=true",
+        "gangScheduling.schedulerPlugins=true",
+        "gangScheduling.volcano=true",
+    ];
+    for sets in [
+        vec![],
+        vec!["replicaCount=3", "watchNamespace=default"],
+        monitored,
+    ] {
         let docs = template(&namespace, &sets)?;
         let yaml = docs
             .iter()
@@ -256,6 +343,15 @@ async fn rendered_objects_pass_server_side_dry_run_on_the_real_api_server() -> R
         let said = String::from_utf8_lossy(&out.stdout);
         for kind in ["deployment.apps", "service", "serviceaccount"] {
             assert!(said.contains(kind), "{kind} missing from: {said}");
+        }
+        if sets.contains(&"prometheusRule.enabled=true") {
+            for kind in [
+                "servicemonitor.monitoring.coreos.com",
+                "podmonitor.monitoring.coreos.com",
+                "prometheusrule.monitoring.coreos.com",
+            ] {
+                assert!(said.contains(kind), "{kind} missing from: {said}");
+            }
         }
     }
     Ok(())

@@ -5,7 +5,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{rules, ConfigSource, DatasetSpec, GroupStatus, NodeGroupSpec, RunPolicy};
+use super::common::{
+    rules, ConfigSource, DatasetSpec, GroupStatus, NodeGroupSpec, RunPolicy, SchedulingSpec,
+};
 
 /// CEL rule of the spec: the model comes from exactly one place.
 pub const ONE_MODEL_SOURCE: &str = "has(self.model.training) != has(self.model.checkpointUrl)";
@@ -83,6 +85,9 @@ pub struct BenchmarkSpec {
     /// Restarts, time limits, cleanup and suspension.
     #[serde(default)]
     pub run_policy: RunPolicy,
+    /// Gang scheduling of the pods (none by default), as for an SSLTraining.
+    #[serde(default)]
+    pub scheduling: SchedulingSpec,
 }
 
 /// Where the weights come from: exactly one of `training` and `checkpointUrl`.

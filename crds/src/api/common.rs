@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -248,6 +250,88 @@ impl Default for RunPolicy {
             suspend: false,
         }
     }
+}
+
+/// The gang scheduler that places a group's pods all at once or not at all.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum GangScheduler {
+    /// No gang: the default scheduler places each pod on its own (a partly placed group waits
+    /// holding its nodes).
+    #[default]
+    None,
+    /// The coscheduling plugin of kubernetes-sigs/scheduler-plugins: a `scheduling.x-k8s.io/v1alpha1`
+    /// PodGroup, pods labelled `scheduling.x-k8s.io/pod-group`, scheduler `scheduler-plugins-scheduler`.
+    SchedulerPlugins,
+    /// Volcano: a `scheduling.volcano.sh/v1beta1` PodGroup in a queue, pods annotated
+    /// `scheduling.k8s.io/group-name`, scheduler `volcano`.
+    Volcano,
+}
+
+impl GangScheduler {
+    /// The value as it appears in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GangScheduler::None => "None",
+            GangScheduler::SchedulerPlugins => "SchedulerPlugins",
+            GangScheduler::Volcano => "Volcano",
+        }
+    }
+}
+
+/// CEL rules of [`SchedulingSpec`]: settings that only one gang scheduler reads.
+pub mod scheduling_rules {
+    /// Only volcano has queues.
+    pub const QUEUE_NEEDS_VOLCANO: &str = "!has(self.queue) || self.gang == 'Volcano'";
+    /// Message of [`QUEUE_NEEDS_VOLCANO`].
+    pub const QUEUE_NEEDS_VOLCANO_MESSAGE: &str =
+        "scheduling.queue is a volcano queue: it needs gang: Volcano";
+    /// Only scheduler-plugins' PodGroup has a schedule timeout.
+    pub const TIMEOUT_NEEDS_SCHEDULER_PLUGINS: &str =
+        "!has(self.scheduleTimeoutSeconds) || self.gang == 'SchedulerPlugins'";
+    /// Message of [`TIMEOUT_NEEDS_SCHEDULER_PLUGINS`].
+    pub const TIMEOUT_NEEDS_SCHEDULER_PLUGINS_MESSAGE: &str =
+        "scheduling.scheduleTimeoutSeconds is scheduler-plugins' PodGroup timeout: it needs gang: SchedulerPlugins";
+    /// A scheduler name or minimum resources without a gang would be silently ignored.
+    pub const SETTINGS_NEED_GANG: &str =
+        "self.gang != 'None' || (!has(self.schedulerName) && !has(self.minResources))";
+    /// Message of [`SETTINGS_NEED_GANG`].
+    pub const SETTINGS_NEED_GANG_MESSAGE: &str =
+        "scheduling.schedulerName and scheduling.minResources belong to a gang: set gang to SchedulerPlugins or Volcano";
+}
+
+/// Gang scheduling of the group: a PodGroup the gang scheduler admits as a whole, so a group that
+/// does not fit holds no nodes while it waits.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(
+    validation = Rule::new(scheduling_rules::QUEUE_NEEDS_VOLCANO).message(scheduling_rules::QUEUE_NEEDS_VOLCANO_MESSAGE),
+    validation = Rule::new(scheduling_rules::TIMEOUT_NEEDS_SCHEDULER_PLUGINS).message(scheduling_rules::TIMEOUT_NEEDS_SCHEDULER_PLUGINS_MESSAGE),
+    validation = Rule::new(scheduling_rules::SETTINGS_NEED_GANG).message(scheduling_rules::SETTINGS_NEED_GANG_MESSAGE)
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    /// None (default), SchedulerPlugins or Volcano. The operator creates the PodGroup (named like
+    /// the resource) before any pod and creates pods only once it exists; the scheduler must be
+    /// installed in the cluster.
+    #[serde(default)]
+    pub gang: GangScheduler,
+    /// The pods' schedulerName; defaults to `scheduler-plugins-scheduler` (SchedulerPlugins) or
+    /// `volcano` (Volcano), the names their Helm charts install.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub scheduler_name: Option<String>,
+    /// The volcano queue of the PodGroup (Volcano only); volcano's default queue when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub queue: Option<String>,
+    /// Seconds scheduler-plugins waits for the whole group to fit before it gives the group's
+    /// reservations back and retries (SchedulerPlugins only); the plugin's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub schedule_timeout_seconds: Option<i32>,
+    /// Resources the whole group needs before any pod is placed. Default: numNodes times one pod's
+    /// requests (a limit counts where no request is given, as Kubernetes defaults requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_resources: Option<BTreeMap<String, Quantity>>,
 }
 
 /// Where a run stands.

@@ -14,7 +14,8 @@ pub use benchmark::{
 };
 pub use common::{
     CheckpointSpec, CleanPodPolicy, Condition, ConditionStatus, ConfigSource, DatasetSpec,
-    GroupStatus, LastCheckpoint, NodeGroupSpec, Phase, Progress, RunPolicy,
+    GangScheduler, GroupStatus, LastCheckpoint, NodeGroupSpec, Phase, Progress, RunPolicy,
+    SchedulingSpec,
 };
 pub use ssl_training::{SSLTraining, SSLTrainingSpec, SSLTrainingStatus};
 

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{
     rules, CheckpointSpec, ConfigSource, DatasetSpec, GroupStatus, LastCheckpoint, NodeGroupSpec,
-    Progress, RunPolicy,
+    Progress, RunPolicy, SchedulingSpec,
 };
 
 /// A VISSL pretraining run on `numNodes` pods with `procsPerNode` trainer processes each. The operator
@@ -86,6 +86,9 @@ pub struct SSLTrainingSpec {
     /// Restarts, time limits, cleanup and suspension.
     #[serde(default)]
     pub run_policy: RunPolicy,
+    /// Gang scheduling of the pods (none by default).
+    #[serde(default)]
+    pub scheduling: SchedulingSpec,
 }
 
 /// What the operator observed and decided: phase, conditions, restarts, progress, last checkpoint.

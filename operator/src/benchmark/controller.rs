@@ -18,7 +18,7 @@ use super::render::{self, RenderInput};
 use super::results;
 use crate::error::{Error, Result};
 use crate::group::apply::{namespace_of, publish};
-use crate::group::{decide, gate, GroupApi, Note, Observed, ObservedPod};
+use crate::group::{decide, gate, Gang, GroupApi, Note, Observed, ObservedPod};
 use crate::training::Context;
 use crate::workload::render::TRAINER_CONTAINER;
 
@@ -226,7 +226,16 @@ async fn reconcile_benchmark(benchmark: &Benchmark, ctx: &Context) -> Result<Req
     // Validated on every pass, before the model is known too, so a bad config is reported at once.
     let resolved =
         (!finished).then(|| resolve(&benchmark.spec, location, &ctx.settings.configs_root));
-    let spec_error = resolved.as_ref().and_then(|r| r.as_ref().err().cloned());
+    let gang = Gang::plan(
+        render::pod_group_meta(benchmark)?,
+        &benchmark.spec.nodes,
+        &benchmark.spec.scheduling,
+    );
+    let spec_error = resolved
+        .as_ref()
+        .and_then(|r| r.as_ref().err().cloned())
+        .or_else(|| gang.as_ref().err().cloned());
+    let gang = gang.ok().flatten();
     let num_nodes = usize::try_from(benchmark.spec.nodes.num_nodes.max(1)).unwrap_or(1);
     let obs = Observed {
         generation: benchmark.metadata.generation,
@@ -249,6 +258,9 @@ async fn reconcile_benchmark(benchmark: &Benchmark, ctx: &Context) -> Result<Req
         }
         _ => decide(&obs),
     };
+    group
+        .prepare_gang(gang.as_ref(), &obs, &mut decision)
+        .await?;
     let mut status = BenchmarkStatus {
         group: decision.status.clone(),
         ..old.clone()
@@ -282,7 +294,7 @@ async fn reconcile_benchmark(benchmark: &Benchmark, ctx: &Context) -> Result<Req
                 object: format!("{namespace}/{name}"),
                 field: "a valid config",
             })?;
-            render::children(
+            let mut children = render::children(
                 benchmark,
                 ranks,
                 &RenderInput {
@@ -291,7 +303,11 @@ async fn reconcile_benchmark(benchmark: &Benchmark, ctx: &Context) -> Result<Req
                     default_image: &ctx.settings.default_image,
                     model_secret: secret.as_deref(),
                 },
-            )
+            )?;
+            if let Some(gang) = &gang {
+                children.pods.iter_mut().for_each(|pod| gang.join(pod));
+            }
+            Ok(children)
         })
         .await?;
     if decision.restarted {

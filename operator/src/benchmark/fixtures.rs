@@ -3,6 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use vissl_crds::api::{
     Benchmark, BenchmarkKind, BenchmarkSpec, ConfigSource, ModelSource, NodeGroupSpec, RunPolicy,
+    SchedulingSpec,
 };
 
 /// A 1-node kNN benchmark of the SSLTraining `fmnist`, as the API server returns it.
@@ -25,6 +26,7 @@ pub fn benchmark() -> Benchmark {
             dataset: None,
             results: None,
             run_policy: RunPolicy::default(),
+            scheduling: SchedulingSpec::default(),
         },
     );
     benchmark.metadata = ObjectMeta {

@@ -2,6 +2,7 @@
 //! ([`crate::workload::render`]) with `vissl benchmark <kind>`, the benchmark label, a termination
 //! message for the results, and the Secrets to read the model and write the results.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use vissl_crds::api::Benchmark;
 
 use crate::error::Result;
@@ -53,6 +54,11 @@ pub fn command(benchmark: &Benchmark) -> Vec<String> {
     }
     command.push(format!("config={CONFIG_DIR}/{CONFIG_KEY}"));
     command
+}
+
+/// Metadata of the benchmark's PodGroup (gang scheduling).
+pub fn pod_group_meta(benchmark: &Benchmark) -> Result<ObjectMeta> {
+    render::pod_group_meta(benchmark, BENCHMARK_LABEL)
 }
 
 /// The Service, the ConfigMap and the pods of `ranks` for one attempt.

@@ -42,6 +42,16 @@ impl GroupApi {
         }
     }
 
+    /// The client the calls go through.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The namespace of the calls.
+    pub(crate) fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     fn api<T: Resource<DynamicType = (), Scope = NamespaceResourceScope>>(&self) -> Api<T> {
         Api::namespaced(self.client.clone(), &self.namespace)
     }

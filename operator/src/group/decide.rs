@@ -496,6 +496,7 @@ pub(super) fn set_condition(
     }
 }
 
+/// A Normal Event.
 pub(super) fn normal(reason: &'static str, action: &'static str, message: String) -> Note {
     Note {
         warning: false,
@@ -505,6 +506,7 @@ pub(super) fn normal(reason: &'static str, action: &'static str, message: String
     }
 }
 
+/// A Warning Event.
 pub(super) fn warning(reason: &'static str, action: &'static str, message: String) -> Note {
     Note {
         warning: true,

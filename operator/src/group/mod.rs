@@ -3,7 +3,9 @@
 //! resource kind: the caller renders the children and owns the status type, so `Benchmark` reuses
 //! this as it is.
 //!
-//! No finalizer: the children (Service, ConfigMap, Pods) carry a controller owner reference, so the
+//! With gang scheduling ([`scheduling`]) a PodGroup is applied before the pods, and pods wait for it.
+//!
+//! No finalizer: the children (Service, ConfigMap, Pods, PodGroup) carry a controller owner reference, so the
 //! garbage collector deletes them with the resource, and nothing outside the cluster needs cleaning
 //! up (checkpoints are the user's data and stay).
 
@@ -12,10 +14,12 @@ pub mod decide;
 pub mod gate;
 pub mod observe;
 pub mod reasons;
+pub mod scheduling;
 
 pub use apply::{Children, GroupApi};
 pub use decide::{decide, Action, Decision, Note, Observed};
 pub use observe::{Failure, ObservedPod, PodState};
+pub use scheduling::Gang;
 
 /// The one server-side-apply field manager, also the Event reporter and the managed-by label value.
 pub const MANAGER: &str = "vissl-operator";

@@ -37,3 +37,11 @@ pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
 pub const RESUMED: &str = "Resumed";
 /// Normal Event: ttlSecondsAfterFinished passed; the resource is deleted.
 pub const TTL_EXPIRED: &str = "TTLExpired";
+/// Condition type (gang scheduling only): the group's PodGroup exists.
+pub const POD_GROUP_CREATED: &str = "PodGroupCreated";
+/// PodGroupCreated=True and a Normal Event: the PodGroup was applied before the pods.
+pub const POD_GROUP_APPLIED: &str = "PodGroupApplied";
+/// PodGroupCreated=False and a Warning Event: the PodGroup CRD is not installed; no pods.
+pub const POD_GROUP_UNAVAILABLE: &str = "PodGroupUnavailable";
+/// PodGroupCreated=False and a Warning Event: the operator's RBAC does not allow PodGroups; no pods.
+pub const POD_GROUP_FORBIDDEN: &str = "PodGroupForbidden";

@@ -17,7 +17,7 @@ use super::config::{resolve, ResolvedConfig};
 use super::render::{self, RenderInput, TRAINER_CONTAINER};
 use crate::error::{Error, Result};
 use crate::group::apply::{namespace_of, publish};
-use crate::group::{decide, GroupApi, Observed, ObservedPod, ATTEMPT_LABEL, NODE_RANK_LABEL};
+use crate::group::{decide, Gang, GroupApi, Observed, ObservedPod, ATTEMPT_LABEL, NODE_RANK_LABEL};
 use crate::metrics::Metrics;
 use crate::progress;
 
@@ -96,9 +96,18 @@ async fn reconcile_training(training: &SSLTraining, ctx: &Context) -> Result<Req
     // reported before it could reach a pod.
     let resolved: Option<Result<ResolvedConfig, String>> = (!old.group.phase.is_finished())
         .then(|| resolve(&training.spec, &ctx.settings.configs_root));
-    let spec_error = resolved.as_ref().and_then(|r| r.as_ref().err().cloned());
+    let gang = Gang::plan(
+        render::pod_group_meta(training)?,
+        &training.spec.nodes,
+        &training.spec.scheduling,
+    );
+    let spec_error = resolved
+        .as_ref()
+        .and_then(|r| r.as_ref().err().cloned())
+        .or_else(|| gang.as_ref().err().cloned());
+    let gang = gang.ok().flatten();
     let num_nodes = usize::try_from(training.spec.nodes.num_nodes.max(1)).unwrap_or(1);
-    let decision = decide(&Observed {
+    let observed = Observed {
         generation: training.metadata.generation,
         num_nodes,
         policy: &training.spec.run_policy,
@@ -106,7 +115,11 @@ async fn reconcile_training(training: &SSLTraining, ctx: &Context) -> Result<Req
         status: &old.group,
         pods: &observed,
         now: Timestamp::now(),
-    });
+    };
+    let mut decision = decide(&observed);
+    group
+        .prepare_gang(gang.as_ref(), &observed, &mut decision)
+        .await?;
     tracing::debug!(?decision.actions, phase = ?decision.status.phase, "decided");
 
     let config = resolved.and_then(Result::ok);
@@ -117,7 +130,7 @@ async fn reconcile_training(training: &SSLTraining, ctx: &Context) -> Result<Req
                 object: format!("{namespace}/{name}"),
                 field: "a valid config",
             })?;
-            render::children(
+            let mut children = render::children(
                 training,
                 ranks,
                 &RenderInput {
@@ -126,7 +139,11 @@ async fn reconcile_training(training: &SSLTraining, ctx: &Context) -> Result<Req
                     metrics_port: config.metrics_port,
                     default_image: &ctx.settings.default_image,
                 },
-            )
+            )?;
+            if let Some(gang) = &gang {
+                children.pods.iter_mut().for_each(|pod| gang.join(pod));
+            }
+            Ok(children)
         })
         .await?;
     publish(&ctx.client, &training.object_ref(&()), &decision.notes).await?;

@@ -1,7 +1,9 @@
 //! SSLTraining objects for tests.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use vissl_crds::api::{ConfigSource, NodeGroupSpec, RunPolicy, SSLTraining, SSLTrainingSpec};
+use vissl_crds::api::{
+    ConfigSource, NodeGroupSpec, RunPolicy, SSLTraining, SSLTrainingSpec, SchedulingSpec,
+};
 
 /// A 2-node CPU training of the quick Fashion-MNIST config, as the API server returns it.
 pub fn training() -> SSLTraining {
@@ -20,6 +22,7 @@ pub fn training() -> SSLTraining {
             dataset: None,
             checkpoint: None,
             run_policy: RunPolicy::default(),
+            scheduling: SchedulingSpec::default(),
         },
     );
     training.metadata = ObjectMeta {

@@ -1,6 +1,7 @@
 //! The children of an SSLTraining for one attempt: the shared rendering
 //! ([`crate::workload::render`]) with `vissl train`, the training label and the checkpoint Secret.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use vissl_crds::api::SSLTraining;
 
 use crate::error::Result;
@@ -29,6 +30,12 @@ pub struct RenderInput<'a> {
 /// The label selector of every child of a training.
 pub fn selector(training: &str) -> String {
     render::selector(TRAINING_LABEL, training)
+}
+
+/// Metadata of the training's PodGroup (gang scheduling): named like the training, labelled and
+/// owned like the other children.
+pub fn pod_group_meta(training: &SSLTraining) -> Result<ObjectMeta> {
+    render::pod_group_meta(training, TRAINING_LABEL)
 }
 
 /// The Service, the ConfigMap and the pods of `ranks` for one attempt.

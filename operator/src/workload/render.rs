@@ -110,6 +110,16 @@ where
     })
 }
 
+/// Metadata of the resource's PodGroup (gang scheduling): named like the resource, labelled and
+/// owned like the other children.
+pub fn pod_group_meta<K>(owner: &K, owner_label: &str) -> Result<ObjectMeta>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
+{
+    let name = owner.name_any();
+    child_meta(owner, name.clone(), labels(owner_label, &name))
+}
+
 /// The Service, the ConfigMap and the pods of `ranks` for one attempt.
 pub fn children<K>(
     owner: &K,
