@@ -8,7 +8,9 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context, Result};
 use std::io::Write;
-use vissl_e2e::{apply_upstream_crd, create_namespace, helm_binary as helm, repo_root, shared_cluster};
+use vissl_e2e::{
+    apply_upstream_crd, create_namespace, helm_binary as helm, repo_root, shared_cluster,
+};
 
 fn chart() -> PathBuf {
     repo_root().join("charts/vissl-operator")

@@ -21,11 +21,11 @@ use kube::api::{
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use vissl_crds::api::{ConditionStatus, SSLTraining};
-use vissl_e2e::{free_port, Operator};
 use vissl_e2e::{
     apply_crd_file, apply_upstream_crd, create_namespace, repo_root, shared_cluster, wait_for,
     NodeAgent, NodeAgentOptions, TestCluster,
 };
+use vissl_e2e::{free_port, Operator};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// The garbage collector needs up to ~40 s to discover a new CRD's type the first time.
