@@ -30,7 +30,7 @@ impl GradClip {
                 format!("{} must be a finite number >= 0", cfg.max_norm),
             ));
         }
-        if !(cfg.norm_type > 0.0) {
+        if cfg.norm_type.is_nan() || cfg.norm_type <= 0.0 {
             return Err(config_error(
                 "NORM_TYPE",
                 format!("{} must be a number > 0 or \"inf\"", cfg.norm_type),
