@@ -207,7 +207,7 @@ pub fn names(kind: Kind) -> &'static [&'static str] {
             "cosine_warm_restart",
             "composite",
         ],
-        Kind::Optimizers => &["sgd", "adamw"],
+        Kind::Optimizers => &["sgd", "adamw", "lars"],
         // The engine's hooks, switched on by config keys (never named in configs): NaN check
         // (HOOKS.CHECK_NAN), loss/LR/ETA logging (LOG_FREQUENCY), checkpointing (CHECKPOINT.*),
         // Prometheus metrics (HOOKS.PROMETHEUS_SETUP), TensorBoard (HOOKS.TENSORBOARD_SETUP).

@@ -5,8 +5,7 @@ mod common;
 
 use common::*;
 use serde_yaml::Value;
-use std::collections::BTreeSet;
-use vissl_crds::config::{check, ConfigError};
+use vissl_crds::config::check;
 
 fn upstream(name: &str) -> vissl_crds::config::Config {
     check(
@@ -68,31 +67,24 @@ fn vissl_dino_configs_load_with_prototypes_and_crops_inferred() {
 }
 
 #[test]
-fn vissl_barlow_twins_configs_fail_only_on_the_lars_option_not_implemented_yet() {
-    // Both files train with VISSL's `lars` optimizer, whose own option `exclude_bias_and_norm` is
-    // not a key of VISSL's defaults; everything else in them (loss, heads, transforms) is known.
+fn vissl_barlow_twins_configs_load_with_their_lars_options() {
+    // Both files train with VISSL's `lars` optimizer and its own option `exclude_bias_and_norm`,
+    // which VISSL's defaults do not list; ours do, with LARS's `eta`.
     for name in [
         "test/integration_test/quick_barlow_twins",
         "pretrain/barlow_twins/barlow_twins_4node_resnet",
     ] {
-        let errors = check(
-            &opts(upstream_root(), None),
-            &args(&[&format!("config={name}")]),
-        )
-        .expect_err("lars is not implemented yet");
-        let problems: BTreeSet<String> = errors
-            .iter()
-            .map(|e| match e {
-                ConfigError::UnknownKey { path, .. } => path.clone(),
-                ConfigError::UnknownName { name, .. } => name.clone(),
-                other => panic!("{name}: an unexpected problem: {other}"),
-            })
-            .collect();
-        assert!(
-            problems
-                .iter()
-                .all(|p| p.contains("exclude_bias_and_norm") || p == "lars"),
-            "{name}: {problems:?}"
+        let config = upstream(name);
+        assert_eq!(
+            raw(&config, "OPTIMIZER.name"),
+            &Value::from("lars"),
+            "{name}"
         );
+        assert_eq!(
+            raw(&config, "OPTIMIZER.exclude_bias_and_norm"),
+            &Value::from(true),
+            "{name}"
+        );
+        assert_eq!(raw(&config, "OPTIMIZER.eta"), &Value::from(0.001), "{name}");
     }
 }

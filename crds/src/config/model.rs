@@ -14,7 +14,7 @@ pub struct ModelConfig {
     /// Parameter names never trained.
     pub non_trainable_params: Vec<String>,
     /// `[[parameter name, iterations frozen], ...]`.
-    pub temp_frozen_params_iter_map: Vec<Value>,
+    pub temp_frozen_params_iter_map: Vec<TempFrozenParam>,
     /// `rgb` | `bgr` | `lab`.
     pub input_type: String,
     /// `[[input key, [feature names]], ...]`.
@@ -106,6 +106,35 @@ impl<'de> Deserialize<'de> for FeatPoolOp {
 impl Serialize for FeatPoolOp {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         (&self.layer, (&self.op, &self.args)).serialize(serializer)
+    }
+}
+
+/// One `[parameter name, iterations]` entry of `TEMP_FROZEN_PARAMS_ITER_MAP`, e.g.
+/// `["module.heads.0.prototypes0.weight_v", 1251]`: the parameter is not updated before that
+/// iteration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TempFrozenParam {
+    /// The parameter's path, with or without DDP's `module.` prefix.
+    pub name: String,
+    /// Iterations (counted from 0) during which the parameter keeps its value.
+    pub iterations: u64,
+}
+
+impl<'de> Deserialize<'de> for TempFrozenParam {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let (name, iterations) = <(String, u64)>::deserialize(deserializer).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "an entry is [parameter name, iterations], e.g. \
+                 [\"module.heads.0.prototypes0.weight_v\", 1251]: {e}"
+            ))
+        })?;
+        Ok(TempFrozenParam { name, iterations })
+    }
+}
+
+impl Serialize for TempFrozenParam {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        (&self.name, self.iterations).serialize(serializer)
     }
 }
 
@@ -349,6 +378,22 @@ mod tests {
             .map(|c| c.iter().map(|m| m.name.as_str()).collect())
             .collect();
         assert_eq!(names, vec![vec!["mlp", "mlp"], vec!["eval_mlp"]]);
+    }
+
+    #[test]
+    fn temp_frozen_entries_read_name_and_iterations() {
+        let entries: Vec<TempFrozenParam> = serde_yaml::from_str(
+            "[['module.heads.0.prototypes0.weight_v', 1251], ['heads.0.prototypes0.weight_g', 2]]",
+        )
+        .unwrap();
+        assert_eq!(entries[0].name, "module.heads.0.prototypes0.weight_v");
+        assert_eq!(entries[0].iterations, 1251);
+        assert_eq!(entries[1].iterations, 2);
+        let wrong = serde_yaml::from_str::<Vec<TempFrozenParam>>("[['heads.0.x']]").unwrap_err();
+        assert!(
+            wrong.to_string().contains("[parameter name, iterations]"),
+            "{wrong}"
+        );
     }
 
     #[test]

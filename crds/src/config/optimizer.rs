@@ -24,6 +24,10 @@ pub struct OptimizerConfig {
     pub momentum: f64,
     /// Nesterov momentum.
     pub nesterov: bool,
+    /// LARS's trust coefficient.
+    pub eta: f64,
+    /// LARS: one-dimensional parameters (biases, normalisation) skip the trust ratio.
+    pub exclude_bias_and_norm: bool,
     /// Training epochs.
     pub num_epochs: usize,
     /// Adam / AdamW betas.

@@ -14,7 +14,7 @@ use crate::dist::{resume::RunLayout, DataParallel, Session};
 use crate::losses::{self, Loss, LossContext, StepContext};
 use crate::metrics::hook::MetricsHook;
 use crate::models::{BaseSslModel, ModelParams};
-use crate::optim::{NamedParam, Optimizer, OptimizerParams};
+use crate::optim::{GradClip, NamedParam, Optimizer, OptimizerParams};
 use crate::storage::{self, Location, StorageSettings};
 use crate::tensorboard::hook::TensorboardHook;
 use anyhow::{anyhow, bail, Context, Result};
@@ -241,11 +241,13 @@ impl Task {
         let (vs, model) = build_initialised_model(&config, device)?;
         let opt_params =
             OptimizerParams::from_yaml(raw_group(&config, "OPTIMIZER")?).context("OPTIMIZER")?;
-        let optimizer = Optimizer::new(
+        let mut optimizer = Optimizer::new(
             NamedParam::trainable(model.trainable_parameters()),
             &opt_params,
         )
         .context("OPTIMIZER")?;
+        optimizer.set_temp_frozen(&config.model.temp_frozen_params_iter_map)?;
+        optimizer.set_grad_clip(GradClip::from_config(&config.model.grad_clip)?);
         let num_epochs = config.optimizer.num_epochs as u64;
         let schedules = &config.optimizer.param_schedulers;
         let lr_schedule = schedules
@@ -873,7 +875,8 @@ fn train_step(task: &mut Task, hooks: &mut [Box<dyn Hook>], batch: &Batch) -> Re
     loss.f_backward().context("backward pass")?;
     call(hooks, task, |h, t| h.on_backward(t))?;
     loss_event(task, &crops, |loss, _, step| loss.on_backward(step))?;
-    task.optimizer.step(task.lr, task.lr_head)?;
+    task.optimizer
+        .step_at(task.iteration, task.lr, task.lr_head)?;
     loss_event(task, &crops, |loss, _, step| loss.on_update(step))?;
     call(hooks, task, |h, t| h.on_update(t))?;
     task.iteration += 1;

@@ -1,12 +1,16 @@
-//! Optimizers, keyed by VISSL's `OPTIMIZER.name`: the update rules (`sgd`, `adamw`), LARC, and
-//! VISSL's parameter groups.
+//! Optimizers, keyed by VISSL's `OPTIMIZER.name`: the update rules (`sgd`, `adamw`, `lars`),
+//! LARC, VISSL's parameter groups, and the two `MODEL` options that act between the backward pass
+//! and the update: gradient clipping and temporarily frozen parameters.
 //!
 //! The optimizer keeps its own state as named tensors (`<param>.momentum_buffer`,
 //! `<param>.exp_avg`, `<param>.step`, ...), so a checkpoint restores it exactly. Learning rates
 //! come from the schedules, evaluated by the caller and passed to every [`Optimizer::step`].
 
 pub mod adamw;
+pub mod clip;
+pub mod frozen;
 pub mod larc;
+pub mod lars;
 pub mod param_groups;
 pub mod params;
 pub mod sgd;
@@ -14,8 +18,11 @@ pub mod sgd;
 use std::collections::HashMap;
 
 use tch::{Kind, Tensor};
+use vissl_crds::config::model::TempFrozenParam;
 
 pub use adamw::AdamW;
+pub use clip::GradClip;
+pub use lars::Lars;
 pub use param_groups::{build_param_groups, GroupKind, NamedParam, ParamGroup, ParamRole};
 pub use params::{HeadOptimizerParams, LarcConfig, OptimizerParams};
 pub use sgd::Sgd;
@@ -67,6 +74,7 @@ pub type RuleConstructor = fn(&OptimizerParams, usize) -> Box<dyn UpdateRule>;
 /// Every optimizer by its VISSL name (`OPTIMIZER.name`).
 pub const REGISTRY: &[(&str, RuleConstructor)] = &[
     (adamw::NAME, |cfg, n| Box::new(AdamW::new(cfg, n))),
+    (lars::NAME, |cfg, n| Box::new(Lars::new(cfg, n))),
     (sgd::NAME, |cfg, n| Box::new(Sgd::new(cfg, n))),
 ];
 
@@ -147,6 +155,9 @@ pub struct Optimizer {
     larc: Option<LarcConfig>,
     head_uses_own_lr: bool,
     head_uses_own_wd: bool,
+    /// Per parameter: the iteration before which it is not updated (0: never frozen).
+    frozen_until: Vec<u64>,
+    grad_clip: Option<GradClip>,
 }
 
 impl Optimizer {
@@ -169,6 +180,8 @@ impl Optimizer {
         }
         Ok(Self {
             rule: build(cfg, params.len()),
+            frozen_until: vec![0; params.len()],
+            grad_clip: None,
             groups: build_param_groups(&params, cfg),
             params,
             larc: cfg.use_larc.then_some(cfg.larc_config),
@@ -187,10 +200,51 @@ impl Optimizer {
         &self.params
     }
 
-    /// One update of every parameter that has a gradient. Head groups use `lr_head` when
-    /// `head_optimizer_params.use_different_lr`, `lr` otherwise (VISSL then copies `lr`'s schedule).
+    /// Keeps the parameters named in `MODEL.TEMP_FROZEN_PARAMS_ITER_MAP` unchanged before their
+    /// iteration (see [`frozen::frozen_until`] for the matching rules).
+    pub fn set_temp_frozen(&mut self, entries: &[TempFrozenParam]) -> Result<()> {
+        let names: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
+        self.frozen_until = frozen::frozen_until(entries, &names)?;
+        Ok(())
+    }
+
+    /// The parameters frozen for the first iterations, with the iteration they start to move at.
+    pub fn temp_frozen(&self) -> Vec<(&str, u64)> {
+        self.params
+            .iter()
+            .zip(&self.frozen_until)
+            .filter(|(_, &until)| until > 0)
+            .map(|(p, &until)| (p.name.as_str(), until))
+            .collect()
+    }
+
+    /// Clips the gradients before every update (`MODEL.GRAD_CLIP`; `None`: no clipping).
+    pub fn set_grad_clip(&mut self, clip: Option<GradClip>) {
+        self.grad_clip = clip;
+    }
+
+    /// [`Optimizer::step_at`] an iteration past every temporary freeze.
     pub fn step(&mut self, lr: f64, lr_head: f64) -> Result<()> {
+        self.step_at(u64::MAX, lr, lr_head)
+    }
+
+    /// The update of training iteration `iteration` (counted from 0), in VISSL's order: clip all
+    /// gradients together (`MODEL.GRAD_CLIP`, frozen parameters' gradients included), drop those
+    /// of parameters still frozen, then update every parameter that has a gradient. Head groups
+    /// use `lr_head` when `head_optimizer_params.use_different_lr`, `lr` otherwise (VISSL then
+    /// copies `lr`'s schedule).
+    pub fn step_at(&mut self, iteration: u64, lr: f64, lr_head: f64) -> Result<()> {
         let _no_grad = tch::no_grad_guard();
+        if let Some(clip) = &self.grad_clip {
+            let grads: Vec<Tensor> = self
+                .params
+                .iter()
+                .map(|p| p.tensor.grad())
+                .filter(Tensor::defined)
+                .collect();
+            // The norm before clipping stays on the device: reading it would synchronise.
+            let _norm = clip.clip(&grads)?;
+        }
         for group in &self.groups {
             let group_lr = if group.kind.uses_head_lr() && self.head_uses_own_lr {
                 lr_head
@@ -198,6 +252,9 @@ impl Optimizer {
                 lr
             };
             for &slot in &group.params {
+                if iteration < self.frozen_until[slot] {
+                    continue;
+                }
                 let param = &mut self.params[slot].tensor;
                 let grad = param.grad();
                 if !grad.defined() {
@@ -224,9 +281,10 @@ impl Optimizer {
     pub fn set_weight_decay(&mut self, weight_decay: f64) {
         for group in &mut self.groups {
             let follows = match group.kind {
-                GroupKind::TrunkRegularized | GroupKind::RemainingRegularized | GroupKind::All => {
-                    true
-                }
+                GroupKind::TrunkRegularized
+                | GroupKind::RemainingRegularized
+                | GroupKind::All
+                | GroupKind::Regularized => true,
                 GroupKind::HeadRegularized => !self.head_uses_own_wd,
                 _ => false,
             };

@@ -1,5 +1,6 @@
-//! VISSL's default parameter groups: trunk / head x regularized / unregularized, plus the
-//! parameters of other layer types ("remaining").
+//! VISSL's parameter groups. The `default` constructor: trunk / head x regularized /
+//! unregularized, plus the parameters of other layer types ("remaining"). The `dino` constructor:
+//! regularized or not, by name (biases and anything named `norm` get no weight decay).
 //!
 //! VISSL sorts parameters by module type (Linear/Conv, BatchNorm/LayerNorm, other). We see only
 //! names and shapes, so the type is read from them: a multi-dimensional `weight` belongs to a
@@ -79,7 +80,10 @@ pub fn param_role(
     }
 }
 
-/// The six groups of VISSL's default constructor.
+/// The values `OPTIMIZER.param_group_constructor` accepts.
+pub const CONSTRUCTORS: &[&str] = &["default", "dino"];
+
+/// The groups of VISSL's constructors (six for `default`, two for `dino`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum GroupKind {
     /// Trunk Linear/Conv weights (and biases, norm parameters when regularized): lr, weight_decay.
@@ -96,6 +100,10 @@ pub enum GroupKind {
     RemainingUnregularized,
     /// `construct_single_param_group_only`: everything, trunk LR and weight decay.
     All,
+    /// `dino`: every parameter but biases and norms, trunk LR and weight decay.
+    Regularized,
+    /// `dino`: biases and parameters named `norm`, trunk LR, no decay.
+    Unregularized,
 }
 
 impl GroupKind {
@@ -123,6 +131,8 @@ pub struct ParamGroup {
 pub fn build_param_groups(params: &[NamedParam], cfg: &OptimizerParams) -> Vec<ParamGroup> {
     let kinds: Vec<GroupKind> = if cfg.construct_single_param_group_only {
         vec![GroupKind::All; params.len()]
+    } else if cfg.param_group_constructor == "dino" {
+        params.iter().map(|p| dino_group_of(&p.name)).collect()
     } else {
         let weight_dims: HashMap<&str, usize> = params
             .iter()
@@ -189,14 +199,26 @@ fn group_of(role: ParamRole, is_head: bool, cfg: &OptimizerParams) -> GroupKind 
     }
 }
 
+/// The `dino` constructor's group of a parameter: by its name alone, ignoring `regularize_bn`,
+/// `regularize_bias`, `non_regularized_parameters` and the head settings, as VISSL does.
+fn dino_group_of(name: &str) -> GroupKind {
+    if name.ends_with(".bias") || name.contains("norm") {
+        GroupKind::Unregularized
+    } else {
+        GroupKind::Regularized
+    }
+}
+
 fn weight_decay_of(kind: GroupKind, cfg: &OptimizerParams) -> f64 {
     match kind {
-        GroupKind::TrunkRegularized | GroupKind::RemainingRegularized | GroupKind::All => {
-            cfg.weight_decay
-        }
+        GroupKind::TrunkRegularized
+        | GroupKind::RemainingRegularized
+        | GroupKind::All
+        | GroupKind::Regularized => cfg.weight_decay,
         GroupKind::HeadRegularized => cfg.head_weight_decay(),
         GroupKind::TrunkUnregularized
         | GroupKind::HeadUnregularized
-        | GroupKind::RemainingUnregularized => 0.0,
+        | GroupKind::RemainingUnregularized
+        | GroupKind::Unregularized => 0.0,
     }
 }

@@ -54,7 +54,7 @@ impl Default for HeadOptimizerParams {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimizerParams {
-    /// Registry name: `sgd` or `adamw`.
+    /// Registry name: `sgd`, `adamw` or `lars`.
     pub name: String,
     /// ZeRO optimizer-state sharding (not supported: must stay false).
     pub use_zero: bool,
@@ -68,6 +68,10 @@ pub struct OptimizerParams {
     pub momentum: f64,
     /// SGD Nesterov momentum.
     pub nesterov: bool,
+    /// LARS's trust coefficient.
+    pub eta: f64,
+    /// LARS: one-dimensional parameters (biases, normalisation) skip the trust ratio.
+    pub exclude_bias_and_norm: bool,
     /// AdamW's moment decay rates.
     pub betas: [f64; 2],
     /// AdamW's denominator epsilon.
@@ -84,7 +88,7 @@ pub struct OptimizerParams {
     pub head_optimizer_params: HeadOptimizerParams,
     /// Put every parameter in one group (trunk LR and weight decay).
     pub construct_single_param_group_only: bool,
-    /// Only `default` (VISSL's trunk/head x regularized/unregularized grouping).
+    /// `default` (VISSL's trunk/head x regularized/unregularized grouping) or `dino`.
     pub param_group_constructor: String,
     /// Read by the config loader (training length).
     pub num_epochs: IgnoredAny,
@@ -106,6 +110,8 @@ impl Default for OptimizerParams {
             weight_decay: 1e-4,
             momentum: 0.9,
             nesterov: false,
+            eta: 0.001,
+            exclude_bias_and_norm: false,
             betas: [0.9, 0.999],
             eps: 1e-8,
             amsgrad: false,
@@ -158,6 +164,7 @@ impl OptimizerParams {
             ("weight_decay", self.weight_decay),
             ("momentum", self.momentum),
             ("eps", self.eps),
+            ("eta", self.eta),
             ("larc_config.eps", self.larc_config.eps),
             (
                 "larc_config.trust_coefficient",
@@ -190,6 +197,12 @@ impl OptimizerParams {
                 "Nesterov momentum needs momentum > 0",
             ));
         }
+        if self.name == super::lars::NAME && self.momentum >= 1.0 {
+            return Err(config_error(
+                "momentum",
+                format!("{} must be in [0, 1) for lars", self.momentum),
+            ));
+        }
         if self.use_larc && self.name != "sgd" {
             return Err(config_error(
                 "use_larc",
@@ -202,12 +215,13 @@ impl OptimizerParams {
                 "ZeRO optimizer-state sharding is not supported",
             ));
         }
-        if self.param_group_constructor != "default" {
+        if !super::param_groups::CONSTRUCTORS.contains(&self.param_group_constructor.as_str()) {
             return Err(config_error(
                 "param_group_constructor",
                 format!(
-                    "`{}` is not supported; only `default`",
-                    self.param_group_constructor
+                    "`{}` is not supported; known: {}",
+                    self.param_group_constructor,
+                    super::param_groups::CONSTRUCTORS.join(", ")
                 ),
             ));
         }
