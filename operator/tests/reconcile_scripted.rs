@@ -511,10 +511,8 @@ async fn without_rights_on_pod_groups_no_pod_is_created() {
 #[tokio::test]
 async fn a_group_restart_keeps_the_pod_group() {
     // Attempt 0 failed: the restart deletes pods only; the PodGroup is neither deleted nor touched.
-    let mut status = SSLTrainingStatus::default();
-    status.group.phase = vissl_crds::api::Phase::Running;
     let mut t = gang_training(GangScheduler::SchedulerPlugins);
-    t.status = Some(status);
+    t.status = Some(running_with_pod_group_recorded(true));
     reconcile_with(t, |mut h| async move {
         expect_list(&mut h, vec![failed_pod(0, 1), running_pod(1)]).await;
         expect_delete(&mut h, &format!("{NAME}-node-0")).await;
@@ -522,6 +520,76 @@ async fn a_group_restart_keeps_the_pod_group() {
         expect_event(&mut h, "PodFailed").await;
         let status = expect_status_patch(&mut h).await;
         assert_eq!(status["phase"], "Restarting");
+    })
+    .await;
+}
+
+/// A Running status whose PodGroupCreated condition is there (`recorded`) or missing.
+fn running_with_pod_group_recorded(recorded: bool) -> SSLTrainingStatus {
+    let conditions = if recorded {
+        json!([{"type": "PodGroupCreated", "status": "True", "reason": "PodGroupApplied",
+                "message": "PodGroup exists", "lastTransitionTime": "2026-01-01T00:00:00Z"}])
+    } else {
+        json!([])
+    };
+    serde_json::from_value(json!({"phase": "Running", "conditions": conditions}))
+        .expect("a valid status")
+}
+
+#[tokio::test]
+async fn pods_without_a_recorded_pod_group_get_it_applied_and_recorded() {
+    // The pass that created the pods could not write its status: the next one applies the
+    // PodGroup again (idempotent) and records the condition, creating nothing else.
+    let mut t = gang_training(GangScheduler::SchedulerPlugins);
+    t.status = Some(running_with_pod_group_recorded(false));
+    reconcile_with(t, |mut h| async move {
+        expect_list(&mut h, vec![running_pod(0), running_pod(1)]).await;
+        expect_apply(&mut h, pod_group_path("scheduling.x-k8s.io/v1alpha1")).await;
+        expect_event(&mut h, "PodGroupApplied").await;
+        let status = expect_status_patch(&mut h).await;
+        let conditions = status["conditions"].as_array().expect("conditions");
+        assert!(
+            conditions
+                .iter()
+                .any(|c| c["type"] == "PodGroupCreated" && c["status"] == "True"),
+            "{status}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_event_does_not_stop_the_status_patch() {
+    reconcile_with(training(None), |mut h| async move {
+        expect_list(&mut h, vec![]).await;
+        expect_apply(&mut h, format!("/api/v1/namespaces/{NS}/services/{NAME}")).await;
+        expect_apply(
+            &mut h,
+            format!("/api/v1/namespaces/{NS}/configmaps/{NAME}-config"),
+        )
+        .await;
+        for rank in 0..2 {
+            expect_apply(
+                &mut h,
+                format!("/api/v1/namespaces/{NS}/pods/{NAME}-node-{rank}"),
+            )
+            .await;
+        }
+        answer_with(
+            &mut h,
+            Expect {
+                method: Method::POST,
+                path: format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"),
+            },
+            500,
+            |_| {
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                       "message": "etcd is busy", "reason": "InternalError", "code": 500})
+            },
+        )
+        .await;
+        let status = expect_status_patch(&mut h).await;
+        assert_eq!(status["phase"], "Pending");
     })
     .await;
 }

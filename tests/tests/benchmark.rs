@@ -32,8 +32,9 @@ struct Scenario {
     cluster: &'static TestCluster,
     client: Client,
     namespace: String,
-    dir: tempfile::TempDir,
+    // Before the folder its log is in: fields drop in order, and a failing test prints that log.
     _operator: Operator,
+    dir: tempfile::TempDir,
 }
 
 impl Scenario {

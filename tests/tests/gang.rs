@@ -46,19 +46,19 @@ struct Scenario {
     cluster: &'static TestCluster,
     client: Client,
     namespace: String,
-    _dir: tempfile::TempDir,
+    // Before the folder its log is in: fields drop in order, and a failing test prints that log.
     _operator: Operator,
+    _dir: tempfile::TempDir,
 }
 
 impl Scenario {
     async fn new(prefix: &str) -> Result<Self> {
         let cluster = shared_cluster().await?;
         let client = cluster.client().await?;
-        apply_crd_file(
-            &client,
-            &repo_root().join("crds/manifests/ssltrainings.vissl.rs.yaml"),
-        )
-        .await?;
+        // Both of the operator's CRDs, as the chart installs them (it watches both kinds).
+        for crd in ["ssltrainings.vissl.rs.yaml", "benchmarks.vissl.rs.yaml"] {
+            apply_crd_file(&client, &repo_root().join("crds/manifests").join(crd)).await?;
+        }
         let namespace = create_namespace(&client, prefix).await?;
         let dir = tempfile::tempdir()?;
         let operator = Operator::start(cluster, &namespace, dir.path(), "operator")?;

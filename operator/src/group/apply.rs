@@ -185,7 +185,11 @@ pub async fn publish(client: &Client, regarding: &ObjectReference, notes: &[Note
             action: note.action.into(),
             secondary: None,
         };
-        recorder.publish(&event, regarding).await?;
+        // Events are best effort, as for Kubernetes' own controllers: failing the reconcile here
+        // would skip the status patch after children were already created.
+        if let Err(error) = recorder.publish(&event, regarding).await {
+            tracing::warn!(%error, reason = note.reason, "could not record an Event");
+        }
     }
     Ok(())
 }

@@ -341,8 +341,8 @@ fn pod_group_created(decision: &mut Decision, obs: &Observed, gang: &Gang) {
 
 impl GroupApi {
     /// Before a decision that creates pods is carried out: applies the group's PodGroup, and
-    /// holds the pods back (see [`hold_for_pod_group`]) when its API is not served. Without a gang,
-    /// or without pods to create, nothing happens.
+    /// holds the pods back (see [`hold_for_pod_group`]) when its API is not served; also when pods
+    /// exist but the status lacks PodGroupCreated=True. Otherwise, or without a gang, nothing happens.
     pub async fn prepare_gang(
         &self,
         gang: Option<&Gang>,
@@ -352,11 +352,18 @@ impl GroupApi {
         let Some(gang) = gang else {
             return Ok(());
         };
-        if !decision
+        let creates = decision
             .actions
             .iter()
-            .any(|a| matches!(a, Action::CreatePods { .. }))
-        {
+            .any(|a| matches!(a, Action::CreatePods { .. }));
+        // Pods exist but the status does not say their PodGroup does (the pass that created them
+        // could not write the status): apply it again (idempotent) so the condition is recorded.
+        let unrecorded = !obs.pods.is_empty()
+            && decision
+                .status
+                .condition(reasons::POD_GROUP_CREATED)
+                .is_none_or(|c| c.status != ConditionStatus::True);
+        if !creates && !unrecorded {
             return Ok(());
         }
         let api: Api<DynamicObject> =
