@@ -322,8 +322,8 @@ async fn install_train_uninstall(mode: Mode) -> Result<Duration> {
         bail!("the operator was refused an API call: the chart's RBAC lacks a verb: {line}");
     }
     ensure!(
-        log.contains("starting the SSLTraining controller"),
-        "the operator log does not show the controller starting:\n{log}"
+        log.contains("starting the SSLTraining and Benchmark controllers"),
+        "the operator log does not show the controllers starting:\n{log}"
     );
 
     helm(
