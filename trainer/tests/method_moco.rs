@@ -226,11 +226,13 @@ fn a_training_step_encodes_keys_with_the_momentum_encoder_and_state_round_trips(
         .iter()
         .any(|(n, _)| n.starts_with("moco_encoder.trunk.")));
 
-    // The model and a query-plus-key output (an engine that feeds every crop) are both accepted.
+    // The engine feeds the model the query crop only; an output over both crops is refused.
+    assert_eq!(loss.model_crops(), Some(1));
     let both = model.forward_multi_res(&crops, true).unwrap();
-    let _ = loss
+    let err = loss
         .forward_step(&both, &target, &step(&model, &crops, 1))
-        .unwrap();
+        .unwrap_err();
+    assert!(err.to_string().contains("query crops only"), "{err}");
 
     let mut restored = build_loss(&section, ctx()).unwrap();
     restored.load_state(&state).unwrap();

@@ -854,11 +854,33 @@ fn initial_pass(task: &mut Task) -> Result<()> {
     Ok(())
 }
 
+/// The seed of libtorch's generator for `iteration` of `rank` (a SplitMix64 mix of the three, so
+/// neighbouring steps and ranks get unrelated streams).
+pub fn step_seed(seed_value: u64, rank: usize, iteration: u64) -> i64 {
+    let mut z = seed_value
+        .wrapping_add((rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(iteration.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 1) as i64
+}
+
 /// One training step with its hook events: forward, loss, backward, update.
 fn train_step(task: &mut Task, hooks: &mut [Box<dyn Hook>], batch: &Batch) -> Result<()> {
     task.update_lr();
+    // Stochastic layers (drop path, dropout) draw from libtorch's global generator. Seeding it at
+    // every step from (SEED_VALUE, rank, iteration) makes a resumed run draw exactly what the
+    // straight run drew, with no generator state in the checkpoint; ranks draw differently, as
+    // VISSL's SEED_VALUE + rank does.
+    let rank = task.session.as_ref().map_or(0, Session::rank);
+    tch::manual_seed(step_seed(task.config.seed_value, rank, task.iteration));
     let crops = task.device_crops(batch)?;
-    task.last_output = task.forward_crops(&crops, true)?;
+    let seen = task
+        .loss
+        .model_crops()
+        .map_or(crops.len(), |k| k.clamp(1, crops.len()));
+    task.last_output = task.forward_crops(&crops[..seen], true)?;
     task.last_target = batch.label.first().map(|t| t.to_device(task.device));
     call(hooks, task, |h, t| h.on_forward(t))?;
     let target = match &task.last_target {

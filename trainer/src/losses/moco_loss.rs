@@ -289,6 +289,10 @@ impl Loss for MocoLoss {
         NAME
     }
 
+    fn model_crops(&self) -> Option<usize> {
+        Some(1)
+    }
+
     fn forward(&mut self, _output: &[Tensor], _target: &Tensor) -> Result<Tensor> {
         Err(input_error(
             "needs the training step (key crops and the momentum encoder); it has no \
@@ -312,13 +316,13 @@ impl Loss for MocoLoss {
         };
         let n = key_crops.size()[0];
         let output = single_output(output, NAME)?;
-        // The model saw the query crops, or (when the engine feeds every crop) queries then keys.
+        // The engine feeds the model the query crops only (`model_crops`).
         let query = match output.size().first() {
             Some(&rows) if rows == n => output.shallow_clone(),
-            Some(&rows) if rows == 2 * n => output.f_narrow(0, 0, n)?,
             _ => {
                 return Err(input_error(format!(
-                    "model output has shape {:?}, expected {n} query rows",
+                    "model output has shape {:?}, expected {n} query rows (the model sees \
+                     the query crops only)",
                     output.size()
                 )))
             }

@@ -186,6 +186,13 @@ pub trait Loss: Send {
         self.forward(output, target)
     }
 
+    /// How many leading crops of the batch the trained model sees in a training step (`None`: all
+    /// of them). MoCo's model sees the query crop only; its key crop goes through the momentum
+    /// encoder inside the loss, as in VISSL (the keys never enter the model's batch-norm statistics).
+    fn model_crops(&self) -> Option<usize> {
+        None
+    }
+
     /// Whether the loss needs one pass over the training data, without gradients, before the
     /// first step of a run that does not resume (DeepClusterV2 fills its memory bank).
     fn needs_initial_pass(&self) -> bool {
