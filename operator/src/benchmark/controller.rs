@@ -2,13 +2,11 @@
 //! run the shared pod-group lifecycle, and read the results rank 0 reports when it succeeds.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use tracing::Instrument;
 use vissl_crds::api::{
     Benchmark, BenchmarkStatus, ConditionStatus, GroupStatus, Phase, SSLTraining,
 };
@@ -18,14 +16,10 @@ use super::render::{self, RenderInput};
 use super::results;
 use crate::error::{Error, Result};
 use crate::group::apply::{namespace_of, publish};
+use crate::group::controller::{after_error, instrumented, RESYNC};
 use crate::group::{decide, gate, Gang, GroupApi, Note, Observed, ObservedPod};
 use crate::training::Context;
 use crate::workload::render::TRAINER_CONTAINER;
-
-/// How often an object is looked at without any change (a safety net for missed events).
-const RESYNC: Duration = Duration::from_secs(300);
-/// Retry delay after a transient error (API server unavailable, conflict).
-const RETRY: Duration = Duration::from_secs(5);
 
 /// Condition type: the model to evaluate is known and available.
 pub const MODEL_READY: &str = "ModelReady";
@@ -165,33 +159,17 @@ pub fn requeue_for_training<'a>(
 
 /// Reconciles one Benchmark (the kube-runtime Controller calls this).
 pub async fn reconcile(benchmark: Arc<Benchmark>, ctx: Arc<Context>) -> Result<Requeue> {
-    let span = tracing::info_span!(
-        "reconcile",
-        kind = "Benchmark",
-        namespace = %benchmark.namespace().unwrap_or_default(),
-        name = %benchmark.name_any()
-    );
-    ctx.metrics.reconcile_started();
-    let started = Instant::now();
-    let result = reconcile_benchmark(&benchmark, &ctx).instrument(span).await;
-    ctx.metrics.reconcile_finished(started.elapsed());
-    result
+    instrumented(
+        &*benchmark,
+        &ctx.metrics,
+        reconcile_benchmark(&benchmark, &ctx),
+    )
+    .await
 }
 
 /// What the Controller does after a failed reconcile.
 pub fn error_policy(benchmark: Arc<Benchmark>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    ctx.metrics.reconcile_failed(error);
-    tracing::warn!(
-        namespace = %benchmark.namespace().unwrap_or_default(),
-        name = %benchmark.name_any(),
-        %error,
-        "benchmark reconcile failed"
-    );
-    if error.is_retryable() {
-        Requeue::requeue(RETRY)
-    } else {
-        Requeue::requeue(RESYNC)
-    }
+    after_error(&*benchmark, error, &ctx.metrics)
 }
 
 async fn reconcile_benchmark(benchmark: &Benchmark, ctx: &Context) -> Result<Requeue> {

@@ -10,6 +10,7 @@
 //! up (checkpoints are the user's data and stay).
 
 pub mod apply;
+pub mod controller;
 pub mod decide;
 pub mod gate;
 pub mod observe;

@@ -4,27 +4,21 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action as Requeue;
 use kube::{Client, Resource, ResourceExt};
-use tracing::Instrument;
 use vissl_crds::api::{Phase, SSLTraining, SSLTrainingStatus};
 
 use super::config::{resolve, ResolvedConfig};
 use super::render::{self, RenderInput, TRAINER_CONTAINER};
 use crate::error::{Error, Result};
 use crate::group::apply::{namespace_of, publish};
+use crate::group::controller::{after_error, instrumented, RESYNC};
 use crate::group::{decide, Gang, GroupApi, Observed, ObservedPod, ATTEMPT_LABEL, NODE_RANK_LABEL};
 use crate::metrics::Metrics;
 use crate::progress;
-
-/// How often an object is looked at without any change (a safety net for missed events).
-const RESYNC: Duration = Duration::from_secs(300);
-/// Retry delay after a transient error (API server unavailable, conflict).
-const RETRY: Duration = Duration::from_secs(5);
 
 /// Operator-wide settings from the command line.
 #[derive(Debug, Clone)]
@@ -49,32 +43,17 @@ pub struct Context {
 
 /// Reconciles one SSLTraining (the kube-runtime Controller calls this).
 pub async fn reconcile(training: Arc<SSLTraining>, ctx: Arc<Context>) -> Result<Requeue> {
-    let span = tracing::info_span!(
-        "reconcile",
-        namespace = %training.namespace().unwrap_or_default(),
-        name = %training.name_any()
-    );
-    ctx.metrics.reconcile_started();
-    let started = Instant::now();
-    let result = reconcile_training(&training, &ctx).instrument(span).await;
-    ctx.metrics.reconcile_finished(started.elapsed());
-    result
+    instrumented(
+        &*training,
+        &ctx.metrics,
+        reconcile_training(&training, &ctx),
+    )
+    .await
 }
 
 /// What the Controller does after a failed reconcile.
 pub fn error_policy(training: Arc<SSLTraining>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    ctx.metrics.reconcile_failed(error);
-    tracing::warn!(
-        namespace = %training.namespace().unwrap_or_default(),
-        name = %training.name_any(),
-        %error,
-        "reconcile failed"
-    );
-    if error.is_retryable() {
-        Requeue::requeue(RETRY)
-    } else {
-        Requeue::requeue(RESYNC)
-    }
+    after_error(&*training, error, &ctx.metrics)
 }
 
 async fn reconcile_training(training: &SSLTraining, ctx: &Context) -> Result<Requeue> {
