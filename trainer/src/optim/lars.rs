@@ -7,6 +7,7 @@
 
 use tch::Tensor;
 
+use super::buffers::SlotBuffers;
 use super::{OptimizerParams, Result, SlotState, UpdateRule};
 
 /// The registry name.
@@ -24,7 +25,7 @@ pub struct Lars {
     eta: f64,
     exclude_bias_and_norm: bool,
     /// Per parameter; none until its first step with a gradient.
-    buffers: Vec<Option<Tensor>>,
+    buffers: SlotBuffers,
 }
 
 impl Lars {
@@ -34,7 +35,7 @@ impl Lars {
             momentum: cfg.momentum,
             eta: cfg.eta,
             exclude_bias_and_norm: cfg.exclude_bias_and_norm,
-            buffers: (0..num_params).map(|_| None).collect(),
+            buffers: SlotBuffers::new(MOMENTUM_BUFFER, num_params),
         }
     }
 
@@ -64,7 +65,7 @@ impl UpdateRule for Lars {
         if !(self.exclude_bias_and_norm && param.dim() == 1) {
             step = step.f_mul(&self.trust_ratio(param, &step)?)?;
         }
-        let buffer = match &mut self.buffers[slot] {
+        let buffer = match self.buffers.slot(slot) {
             Some(buffer) => buffer,
             empty => empty.insert(param.f_zeros_like()?),
         };
@@ -75,18 +76,14 @@ impl UpdateRule for Lars {
     }
 
     fn save(&self, slot: usize) -> Vec<(&'static str, Tensor)> {
-        self.buffers[slot]
-            .iter()
-            .map(|b| (MOMENTUM_BUFFER, b.copy()))
-            .collect()
+        self.buffers.save(slot)
     }
 
-    fn load(&mut self, slot: usize, mut state: SlotState) -> Result<()> {
-        self.buffers[slot] = Some(state.take_like_param(MOMENTUM_BUFFER)?);
-        state.finish()
+    fn load(&mut self, slot: usize, state: SlotState) -> Result<()> {
+        self.buffers.load(slot, state)
     }
 
     fn clear(&mut self, slot: usize) {
-        self.buffers[slot] = None;
+        self.buffers.clear(slot)
     }
 }

@@ -7,6 +7,7 @@
 //! come from the schedules, evaluated by the caller and passed to every [`Optimizer::step`].
 
 pub mod adamw;
+pub mod buffers;
 pub mod clip;
 pub mod frozen;
 pub mod larc;

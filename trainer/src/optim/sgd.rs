@@ -2,6 +2,7 @@
 
 use tch::Tensor;
 
+use super::buffers::SlotBuffers;
 use super::{OptimizerParams, Result, SlotState, UpdateRule};
 
 /// The registry name.
@@ -16,7 +17,7 @@ pub struct Sgd {
     momentum: f64,
     nesterov: bool,
     /// Per parameter; none until its first step with a gradient (or when momentum is 0).
-    buffers: Vec<Option<Tensor>>,
+    buffers: SlotBuffers,
 }
 
 impl Sgd {
@@ -25,7 +26,7 @@ impl Sgd {
         Self {
             momentum: cfg.momentum,
             nesterov: cfg.nesterov,
-            buffers: (0..num_params).map(|_| None).collect(),
+            buffers: SlotBuffers::new(MOMENTUM_BUFFER, num_params),
         }
     }
 }
@@ -45,17 +46,13 @@ impl UpdateRule for Sgd {
             grad.shallow_clone()
         };
         if self.momentum != 0.0 {
-            let buffer = match &mut self.buffers[slot] {
+            let buffer = match self.buffers.slot(slot) {
                 Some(buffer) => {
                     let _ = buffer.f_mul_scalar_(self.momentum)?;
                     let _ = buffer.f_add_(&step)?;
                     buffer.shallow_clone()
                 }
-                None => {
-                    let buffer = step.f_detach()?.copy();
-                    self.buffers[slot] = Some(buffer.shallow_clone());
-                    buffer
-                }
+                empty => empty.insert(step.f_detach()?.copy()).shallow_clone(),
             };
             step = if self.nesterov {
                 step.f_add(&buffer.f_mul_scalar(self.momentum)?)?
@@ -68,18 +65,14 @@ impl UpdateRule for Sgd {
     }
 
     fn save(&self, slot: usize) -> Vec<(&'static str, Tensor)> {
-        self.buffers[slot]
-            .iter()
-            .map(|b| (MOMENTUM_BUFFER, b.copy()))
-            .collect()
+        self.buffers.save(slot)
     }
 
-    fn load(&mut self, slot: usize, mut state: SlotState) -> Result<()> {
-        self.buffers[slot] = Some(state.take_like_param(MOMENTUM_BUFFER)?);
-        state.finish()
+    fn load(&mut self, slot: usize, state: SlotState) -> Result<()> {
+        self.buffers.load(slot, state)
     }
 
     fn clear(&mut self, slot: usize) {
-        self.buffers[slot] = None;
+        self.buffers.clear(slot)
     }
 }
