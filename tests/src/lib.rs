@@ -19,7 +19,7 @@ use kube::{Api, Client};
 
 pub use control_plane::ControlPlane;
 pub use node_agent::{NodeAgent, NodeAgentOptions};
-pub use processes::{free_port, http, Operator, S3Server};
+pub use processes::{free_port, http, Operator, OperatorScenario, S3Server};
 
 /// Nodes the shared cluster's agent registers (a 2-node training fits).
 pub const SHARED_NODES: usize = 2;

@@ -198,3 +198,49 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// What an operator scenario test starts with: the shared cluster with both of the operator's CRDs
+/// (as the chart installs them; it watches both kinds), a client, a fresh namespace, a scratch
+/// folder and an operator process scoped to that namespace.
+pub struct OperatorScenario {
+    /// The shared cluster.
+    pub cluster: &'static TestCluster,
+    /// An admin client.
+    pub client: kube::Client,
+    /// The test's own namespace.
+    pub namespace: String,
+    /// The operator watching it. Declared before the folder its log is in: fields drop in order,
+    /// and a failing test prints that log.
+    pub operator: Operator,
+    /// Scratch space (checkpoints, the operator log).
+    pub dir: tempfile::TempDir,
+}
+
+impl OperatorScenario {
+    /// Applies the CRDs, creates a namespace named after `prefix` and starts the operator.
+    pub async fn start(prefix: &str) -> Result<Self> {
+        let cluster = crate::shared_cluster().await?;
+        let client = cluster.client().await?;
+        for crd in ["ssltrainings.vissl.rs.yaml", "benchmarks.vissl.rs.yaml"] {
+            crate::apply_crd_file(&client, &repo_root().join("crds/manifests").join(crd)).await?;
+        }
+        let namespace = crate::create_namespace(&client, prefix).await?;
+        let dir = tempfile::tempdir()?;
+        let operator = Operator::start(cluster, &namespace, dir.path(), "operator")?;
+        Ok(Self {
+            cluster,
+            client,
+            namespace,
+            operator,
+            dir,
+        })
+    }
+
+    /// The namespaced API of kind `K` in the test's namespace.
+    pub fn api<K>(&self) -> kube::Api<K>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        kube::Api::namespaced(self.client.clone(), &self.namespace)
+    }
+}

@@ -11,13 +11,10 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, PostParams};
-use kube::{Api, Client};
+use kube::Api;
 use serde_json::json;
 use vissl_crds::api::{Benchmark, Condition, ConditionStatus, Phase, SSLTraining};
-use vissl_e2e::{
-    apply_crd_file, create_namespace, free_port, repo_root, shared_cluster, wait_for, Operator,
-    S3Server, TestCluster,
-};
+use vissl_e2e::{free_port, wait_for, OperatorScenario, S3Server};
 
 /// One computing group at a time: they would only slow each other down.
 static COMPUTE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -27,33 +24,27 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 /// The images of each kNN split: enough for a meaningful vote, few enough to take seconds.
 const KNN_IMAGES: u32 = 500;
 
-/// Everything one test needs: the cluster, a client, its namespace, a scratch folder and its operator.
-struct Scenario {
-    cluster: &'static TestCluster,
-    client: Client,
-    namespace: String,
-    // Before the folder its log is in: fields drop in order, and a failing test prints that log.
-    _operator: Operator,
-    dir: tempfile::TempDir,
+/// Everything one test needs: the shared harness (cluster, client, namespace, scratch folder, operator)
+/// and this file's helpers.
+struct Scenario(OperatorScenario);
+
+impl std::ops::Deref for Scenario {
+    type Target = OperatorScenario;
+
+    fn deref(&self) -> &OperatorScenario {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scenario {
+    fn deref_mut(&mut self) -> &mut OperatorScenario {
+        &mut self.0
+    }
 }
 
 impl Scenario {
     async fn new(prefix: &str) -> Result<Self> {
-        let cluster = shared_cluster().await?;
-        let client = cluster.client().await?;
-        for crd in ["ssltrainings.vissl.rs.yaml", "benchmarks.vissl.rs.yaml"] {
-            apply_crd_file(&client, &repo_root().join("crds/manifests").join(crd)).await?;
-        }
-        let namespace = create_namespace(&client, prefix).await?;
-        let dir = tempfile::tempdir()?;
-        let operator = Operator::start(cluster, &namespace, dir.path(), "operator")?;
-        Ok(Self {
-            cluster,
-            client,
-            namespace,
-            dir,
-            _operator: operator,
-        })
+        Ok(Self(OperatorScenario::start(prefix).await?))
     }
 
     fn trainings(&self) -> Api<SSLTraining> {

@@ -18,14 +18,13 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ListParams, PostParams, WatchEvent, WatchParams,
 };
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use vissl_crds::api::{ConditionStatus, SSLTraining};
+use vissl_e2e::free_port;
 use vissl_e2e::{
-    apply_crd_file, apply_upstream_crd, create_namespace, repo_root, shared_cluster, wait_for,
-    NodeAgent, NodeAgentOptions, TestCluster,
+    apply_upstream_crd, repo_root, wait_for, NodeAgent, NodeAgentOptions, OperatorScenario,
 };
-use vissl_e2e::{free_port, Operator};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// The garbage collector needs up to ~40 s to discover a new CRD's type the first time.
@@ -41,41 +40,27 @@ fn pod_groups(group: &str, version: &str) -> ApiResource {
     }
 }
 
-/// One namespace with its own operator process.
-struct Scenario {
-    cluster: &'static TestCluster,
-    client: Client,
-    namespace: String,
-    // Before the folder its log is in: fields drop in order, and a failing test prints that log.
-    _operator: Operator,
-    _dir: tempfile::TempDir,
+/// Everything one test needs: the shared harness (cluster, client, namespace, scratch folder, operator)
+/// and this file's helpers.
+struct Scenario(OperatorScenario);
+
+impl std::ops::Deref for Scenario {
+    type Target = OperatorScenario;
+
+    fn deref(&self) -> &OperatorScenario {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scenario {
+    fn deref_mut(&mut self) -> &mut OperatorScenario {
+        &mut self.0
+    }
 }
 
 impl Scenario {
     async fn new(prefix: &str) -> Result<Self> {
-        let cluster = shared_cluster().await?;
-        let client = cluster.client().await?;
-        // Both of the operator's CRDs, as the chart installs them (it watches both kinds).
-        for crd in ["ssltrainings.vissl.rs.yaml", "benchmarks.vissl.rs.yaml"] {
-            apply_crd_file(&client, &repo_root().join("crds/manifests").join(crd)).await?;
-        }
-        let namespace = create_namespace(&client, prefix).await?;
-        let dir = tempfile::tempdir()?;
-        let operator = Operator::start(cluster, &namespace, dir.path(), "operator")?;
-        Ok(Self {
-            cluster,
-            client,
-            namespace,
-            _dir: dir,
-            _operator: operator,
-        })
-    }
-
-    fn api<K>(&self) -> Api<K>
-    where
-        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-    {
-        Api::namespaced(self.client.clone(), &self.namespace)
+        Ok(Self(OperatorScenario::start(prefix).await?))
     }
 
     fn groups(&self, resource: &ApiResource) -> Api<DynamicObject> {

@@ -12,47 +12,37 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use kube::Api;
 use serde_json::json;
 use vissl_crds::api::{Phase, SSLTraining};
-use vissl_e2e::{
-    apply_crd_file, create_namespace, free_port, http, repo_root, shared_cluster, wait_for,
-    Operator, S3Server, TestCluster,
-};
+use vissl_e2e::{free_port, http, wait_for, Operator, OperatorScenario, S3Server};
 
 /// Trainings run one at a time: two 2-process trainings at once would only slow each other down.
 static TRAINING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Everything one test needs: the cluster, a client, its namespace, a scratch folder and its operator.
-struct Scenario {
-    cluster: &'static TestCluster,
-    client: Client,
-    namespace: String,
-    // Before the folder its log is in: fields drop in order, and a failing test prints that log.
-    operator: Operator,
-    dir: tempfile::TempDir,
+/// Everything one test needs: the shared harness (cluster, client, namespace, scratch folder, operator)
+/// and this file's helpers.
+struct Scenario(OperatorScenario);
+
+impl std::ops::Deref for Scenario {
+    type Target = OperatorScenario;
+
+    fn deref(&self) -> &OperatorScenario {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scenario {
+    fn deref_mut(&mut self) -> &mut OperatorScenario {
+        &mut self.0
+    }
 }
 
 impl Scenario {
     async fn new(prefix: &str) -> Result<Self> {
-        let cluster = shared_cluster().await?;
-        let client = cluster.client().await?;
-        // Both of the operator's CRDs, as the chart installs them (it watches both kinds).
-        for crd in ["ssltrainings.vissl.rs.yaml", "benchmarks.vissl.rs.yaml"] {
-            apply_crd_file(&client, &repo_root().join("crds/manifests").join(crd)).await?;
-        }
-        let namespace = create_namespace(&client, prefix).await?;
-        let dir = tempfile::tempdir()?;
-        let operator = Operator::start(cluster, &namespace, dir.path(), "operator")?;
-        Ok(Self {
-            cluster,
-            client,
-            namespace,
-            dir,
-            operator,
-        })
+        Ok(Self(OperatorScenario::start(prefix).await?))
     }
 
     fn trainings(&self) -> Api<SSLTraining> {
