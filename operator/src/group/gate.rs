@@ -9,21 +9,12 @@ use super::decide::{decide, fail, normal, set_condition, set_phase, warning, Dec
 /// Not ready yet: stay Pending (no pods) with condition `type_`=False; one Event when the reason or
 /// message changes. A finished resource only gets its cleanup.
 pub fn wait(obs: &Observed, type_: &str, reason: &'static str, message: &str) -> Decision {
-    if obs.status.phase.is_finished() {
-        return decide(obs);
-    }
-    let mut d = blank(obs);
     let unchanged = obs.status.condition(type_).is_some_and(|c| {
         c.status == ConditionStatus::False && c.reason == reason && c.message == message
     });
-    set_condition(
-        &mut d.status,
-        obs,
-        type_,
-        ConditionStatus::False,
-        reason,
-        message,
-    );
+    let Some(mut d) = unmet(obs, type_, reason, message) else {
+        return decide(obs);
+    };
     set_phase(obs, &mut d.status, Phase::Pending, reason, message);
     if !unchanged {
         d.notes.push(normal(reason, "Wait", message.to_string()));
@@ -34,18 +25,9 @@ pub fn wait(obs: &Observed, type_: &str, reason: &'static str, message: &str) ->
 /// Can never be met: Failed with `reason`, condition `type_`=False, a Warning Event, and the pods
 /// cleaned up as the policy says. A finished resource only gets its cleanup.
 pub fn reject(obs: &Observed, type_: &str, reason: &'static str, message: &str) -> Decision {
-    if obs.status.phase.is_finished() {
+    let Some(mut d) = unmet(obs, type_, reason, message) else {
         return decide(obs);
-    }
-    let mut d = blank(obs);
-    set_condition(
-        &mut d.status,
-        obs,
-        type_,
-        ConditionStatus::False,
-        reason,
-        message,
-    );
+    };
     fail(obs, &mut d, reason, message.to_string());
     d
 }
@@ -71,6 +53,24 @@ pub fn warn(reason: &'static str, action: &'static str, message: String) -> supe
 /// A Normal Event with this reason.
 pub fn inform(reason: &'static str, action: &'static str, message: String) -> super::Note {
     normal(reason, action, message)
+}
+
+/// What [`wait`] and [`reject`] start from: condition `type_`=False on the observed status, or
+/// `None` for a finished resource (which only gets the lifecycle's cleanup).
+fn unmet(obs: &Observed, type_: &str, reason: &str, message: &str) -> Option<Decision> {
+    if obs.status.phase.is_finished() {
+        return None;
+    }
+    let mut d = blank(obs);
+    set_condition(
+        &mut d.status,
+        obs,
+        type_,
+        ConditionStatus::False,
+        reason,
+        message,
+    );
+    Some(d)
 }
 
 fn blank(obs: &Observed) -> Decision {
