@@ -12,6 +12,9 @@
 use crate::benchmarks::weights::WeightsError;
 use crate::data::DataError;
 use crate::dist::DistError;
+use crate::losses::LossError;
+use crate::models::ModelError;
+use crate::optim::OptimError;
 use vissl_crds::config::ConfigError;
 
 /// Invalid config: retrying cannot help.
@@ -37,6 +40,27 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
         }
         match cause.downcast_ref::<DataError>() {
             Some(DataError::Config(_) | DataError::BadFile { .. }) => return INVALID_DATA,
+            Some(_) => return FAILURE,
+            None => {}
+        }
+        // The loss's, model's and optimizer's own blocks are parsed when the run builds them.
+        match cause.downcast_ref::<LossError>() {
+            Some(LossError::Config { .. } | LossError::UnknownLoss { .. }) => {
+                return INVALID_CONFIG
+            }
+            Some(_) => return FAILURE,
+            None => {}
+        }
+        match cause.downcast_ref::<ModelError>() {
+            Some(ModelError::Weights { .. }) => return INVALID_DATA,
+            Some(ModelError::Torch(_)) => return FAILURE,
+            Some(_) => return INVALID_CONFIG,
+            None => {}
+        }
+        match cause.downcast_ref::<OptimError>() {
+            Some(OptimError::Config { .. } | OptimError::UnknownOptimizer { .. }) => {
+                return INVALID_CONFIG
+            }
             Some(_) => return FAILURE,
             None => {}
         }
@@ -74,6 +98,30 @@ mod tests {
         assert_eq!(code_for(&io), FAILURE);
         assert!(!is_permanent(FAILURE.into()));
         assert!(!is_permanent(137));
+
+        // A bad key in a loss's, model's or optimizer's own block is permanent too.
+        let loss = anyhow::Error::new(LossError::Config {
+            key: "LOSS.swav_loss".into(),
+            reason: "unknown field `bogus`".into(),
+        })
+        .context("LOSS");
+        assert_eq!(code_for(&loss), INVALID_CONFIG);
+        let model = anyhow::Error::new(ModelError::Invalid {
+            path: "MODEL.HEAD.PARAMS[0]".into(),
+            reason: "bad".into(),
+        })
+        .context("MODEL");
+        assert_eq!(code_for(&model), INVALID_CONFIG);
+        let optimizer = anyhow::Error::new(OptimError::Config {
+            key: "OPTIMIZER.eta".into(),
+            reason: "bad".into(),
+        });
+        assert_eq!(code_for(&optimizer), INVALID_CONFIG);
+        let gather = anyhow::Error::new(LossError::Gather {
+            loss: "swav_loss",
+            reason: "peer gone".into(),
+        });
+        assert_eq!(code_for(&gather), FAILURE);
 
         let worker: anyhow::Result<()> = Err(DistError::WorkerExit {
             code: INVALID_DATA,

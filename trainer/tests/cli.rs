@@ -41,6 +41,68 @@ fn validate_fails_with_the_key_the_origin_and_a_suggestion() {
     assert!(ok.status.success(), "{}", text(&ok));
 }
 
+/// VISSL's own configs (the upstream fixtures) validate unchanged, with their models, optimizers and
+/// losses built.
+#[test]
+fn validate_builds_model_optimizer_and_loss_of_vissls_own_configs() {
+    let upstream =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/tests/fixtures/vissl_upstream/config");
+    for name in [
+        "test/integration_test/quick_swav",
+        "test/integration_test/quick_moco",
+        "test/integration_test/quick_dino",
+        "test/integration_test/quick_barlow_twins",
+        "pretrain/swav/swav_8node_resnet",
+        "pretrain/moco/moco_1node_resnet",
+        "pretrain/dino/dino_16gpus_deits16",
+        "pretrain/deepcluster_v2/deepclusterv2_2crops_resnet",
+        "pretrain/simclr/simclr_8node_resnet",
+        "pretrain/barlow_twins/barlow_twins_4node_resnet",
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vissl"))
+            .args(["config", "validate", &format!("config={name}")])
+            .env("VISSL_CONFIGS", &upstream)
+            .output()
+            .expect("vissl runs");
+        assert!(out.status.success(), "{name}: {}", text(&out));
+    }
+}
+
+/// A bad key inside a loss's, head's or optimizer's own block is found by `validate`, and `train`
+/// exits with the permanent config code (64), not the retryable 1.
+#[test]
+fn bad_loss_head_and_optimizer_blocks_are_config_errors() {
+    let cases: [(&str, &str); 3] = [
+        ("+config.LOSS.swav_loss.bogus=1", "unknown field `bogus`"),
+        (
+            "config.MODEL.HEAD.PARAMS=[[\"swav_head\",{\"dims\":[128,128,64],\"num_clusters\":[100],\"bogus\":1}]]",
+            "bogus",
+        ),
+        ("config.OPTIMIZER.name=sgdd", "sgdd"),
+    ];
+    for (bad, expected) in cases {
+        let out = vissl(&[
+            "config",
+            "validate",
+            "config=pretrain/swav/quick_cpu_fmnist",
+            bad,
+        ]);
+        assert_eq!(out.status.code(), Some(64), "{bad}: {}", text(&out));
+        assert!(text(&out).contains(expected), "{bad}: {}", text(&out));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut args = vec![
+        "train".to_string(),
+        "config=pretrain/swav/quick_cpu_fmnist".into(),
+    ];
+    args.extend(tiny(dir.path()));
+    args.push(cases[0].0.into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = vissl(&args);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("LOSS.swav_loss"), "{}", text(&out));
+}
+
 #[test]
 fn list_prints_registered_names_and_rejects_unknown_kinds() {
     let out = vissl(&["list", "transforms"]);
