@@ -72,7 +72,8 @@ enum BenchmarkCommand {
 enum ConfigCommand {
     /// Print the fully resolved config (defaults, composition, overrides, inferred values) as YAML.
     Show(Overrides),
-    /// Exit non-zero with the key, the file and the reason when the config is invalid.
+    /// Exit non-zero (64) with the key, the file and the reason when the config is invalid; the
+    /// model, optimizer and loss are built as `train` builds them, without reading data.
     Validate(Overrides),
 }
 
