@@ -1,11 +1,13 @@
-//! DeepClusterV2: k-means over a memory bank split across simulated ranks and the loss against a
-//! float64 numpy reference of the whole memory, the memory's bookkeeping, and in training: the
-//! initial pass, clustering at each epoch start and exact resume with the memory and clusters.
+//! DeepClusterV2: k-means over a memory bank split across simulated ranks and across 2 real Gloo
+//! processes, and the loss against a float64 numpy reference of the whole memory; the memory's
+//! bookkeeping; and in training: the initial pass, clustering at each epoch start and exact resume
+//! with the memory and clusters.
 //!
 //! Tolerance: the loss runs in float32 (as VISSL's) against float64; memory rows are drawn around
 //! well-separated centres so that no assignment is a near tie that rounding could flip. Centroids
 //! and losses agree to ~1e-7 relative; 1e-5 is asked.
 
+mod dist_common;
 #[path = "reference/harness.rs"]
 mod harness;
 #[path = "reference/simulated_world.rs"]
@@ -83,34 +85,45 @@ struct RankResult {
     assignments: Tensor,
 }
 
-fn check_world(world: usize) -> f64 {
+/// One rank's part: fill the memory with its share, cluster (across ranks through `ctx`), and
+/// take the loss and its gradient on a batch of its own images.
+fn rank_body(rank: usize, world: usize, ctx: LossContext) -> RankResult {
     let rows = params().memory_rows(world) as i64;
-    let results = run_world(world, move |rank, ctx| {
-        let mut loss = DeepClusterV2Loss::new(&params(), ctx).expect("loss");
-        let banks: Vec<Tensor> = (0..2).map(|b| memory(rank, b, rows)).collect();
-        let idx: Vec<i64> = indices(rank, world, rows)
-            .into_iter()
-            .cycle()
-            .take(CROPS * rows as usize)
-            .collect();
-        loss.remember(&banks, &Tensor::from_slice(&idx))
-            .expect("remember");
-        loss.cluster_memory(SEED).expect("k-means");
-        let output = outputs(rank).set_requires_grad(true);
-        let value = loss
-            .forward(
-                &[output.shallow_clone()],
-                &Tensor::from_slice(&targets(rank, world)),
-            )
-            .expect("loss");
-        value.backward();
-        RankResult {
-            loss: value.double_value(&[]),
-            grad: output.grad().copy(),
-            centroids: loss.centroids().iter().map(|c| c.copy()).collect(),
-            assignments: loss.assignments().copy(),
-        }
-    });
+    let mut loss = DeepClusterV2Loss::new(&params(), ctx).expect("loss");
+    let banks: Vec<Tensor> = (0..2).map(|b| memory(rank, b, rows)).collect();
+    let idx: Vec<i64> = indices(rank, world, rows)
+        .into_iter()
+        .cycle()
+        .take(CROPS * rows as usize)
+        .collect();
+    loss.remember(&banks, &Tensor::from_slice(&idx))
+        .expect("remember");
+    loss.cluster_memory(SEED).expect("k-means");
+    let output = outputs(rank).set_requires_grad(true);
+    let value = loss
+        .forward(
+            &[output.shallow_clone()],
+            &Tensor::from_slice(&targets(rank, world)),
+        )
+        .expect("loss");
+    value.backward();
+    RankResult {
+        loss: value.double_value(&[]),
+        grad: output.grad().copy(),
+        centroids: loss.centroids().iter().map(|c| c.copy()).collect(),
+        assignments: loss.assignments().copy(),
+    }
+}
+
+fn check_world(world: usize) -> f64 {
+    let results = run_world(world, move |rank, ctx| rank_body(rank, world, ctx));
+    compare_with_numpy(world, &results)
+}
+
+/// The ranks' clusters, losses and gradients against numpy float64 k-means of the whole memory
+/// (from rank 0's starting rows); returns the largest loss error.
+fn compare_with_numpy(world: usize, results: &[RankResult]) -> f64 {
+    let rows = params().memory_rows(world) as i64;
     let clusterings: Vec<_> = params()
         .num_clusters
         .iter()
@@ -179,6 +192,61 @@ fn one_rank_matches_numpy() {
 #[test]
 fn two_ranks_cluster_their_joint_memory_as_numpy_does() {
     check_world(2);
+}
+
+/// The same check on 2 real Gloo processes: the sums and counts of k-means are all-reduced, the
+/// starting centroids broadcast from rank 0 and the assignments gathered over Gloo, and both ranks end
+/// with numpy's clusters of the joint memory.
+#[test]
+fn two_gloo_ranks_cluster_their_joint_memory_as_numpy_does() {
+    const NAME: &str = "two_gloo_ranks_cluster_their_joint_memory_as_numpy_does";
+    if let Some(rank) = dist_common::rank_ctx() {
+        let group = std::sync::Arc::new(
+            rank.connect(std::time::Duration::from_secs(60))
+                .expect("joining the process group"),
+        );
+        let reduce_group = group.clone();
+        let ctx = LossContext::distributed(
+            rank.rank,
+            rank.world,
+            Box::new(move |t| {
+                vissl_trainer::dist::autograd::gather_from_all(&group, t).map_err(|e| e.to_string())
+            }),
+        )
+        .with_all_reduce_sum(Box::new(move |t| {
+            reduce_group.all_reduce_sum_(t).map_err(|e| e.to_string())
+        }));
+        let result = rank_body(rank.rank, rank.world, ctx);
+        rank.write(
+            "result",
+            &json!({
+                "loss": result.loss,
+                "grad": to_json(&result.grad),
+                "centroids": result.centroids.iter().map(to_json).collect::<Vec<_>>(),
+                "assignments": to_json(&result.assignments),
+            }),
+        );
+        return;
+    }
+    let out = dist_common::run_ranks(NAME, 2);
+    let results: Vec<RankResult> = (0..2)
+        .map(|r| {
+            let v = dist_common::read(out.path(), "result", r);
+            RankResult {
+                loss: v["loss"].as_f64().expect("loss"),
+                grad: from_json(&v["grad"]).to_kind(Kind::Float),
+                centroids: v["centroids"]
+                    .as_array()
+                    .expect("centroids")
+                    .iter()
+                    .map(|c| from_json(c).to_kind(Kind::Float))
+                    .collect(),
+                assignments: from_json(&v["assignments"]).to_kind(Kind::Int64),
+            }
+        })
+        .collect();
+    let worst = compare_with_numpy(2, &results);
+    println!("2 Gloo ranks: max abs loss error vs numpy float64 of the whole memory: {worst:e}");
 }
 
 #[test]
