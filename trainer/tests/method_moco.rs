@@ -13,6 +13,7 @@ use serde_json::json;
 use std::sync::Arc;
 use tch::{nn, Device, Kind, Tensor};
 use vissl_trainer::losses::moco_loss::{MocoLoss, MocoParams};
+use vissl_trainer::losses::momentum_encoder::MomentumEncoder;
 use vissl_trainer::losses::{build_loss, l2_normalize_rows, LossContext, StepContext};
 use vissl_trainer::models::{BaseSslModel, ModelParams};
 
@@ -247,4 +248,48 @@ fn a_training_step_encodes_keys_with_the_momentum_encoder_and_state_round_trips(
         .forward_step(&query, &target, &step(&model, &crops[..1], 2))
         .unwrap_err();
     assert!(err.to_string().contains("moco_collator"), "{err}");
+}
+
+/// VISSL's MoCo and DINO hooks blend only the parameters: after the first step the copy's batch-norm
+/// statistics are its own. SwAV's momentum hook also copies the model's running statistics.
+#[test]
+fn the_copys_batch_norm_statistics_are_its_own_unless_it_follows_the_model() {
+    let running = |m: &BaseSslModel| -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = m
+            .named_variables()
+            .into_iter()
+            .filter(|(n, _)| n.contains("running_mean"))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    for follow in [false, true] {
+        tch::manual_seed(0);
+        let (_vs, model) = tiny_model().unwrap();
+        let (vs, copy) = tiny_model().unwrap();
+        let mut encoder = MomentumEncoder::from_model(vs, copy, "test");
+        if follow {
+            encoder = encoder.following_running_stats();
+        }
+        encoder.init_from(&model).unwrap();
+        let initial: Vec<(String, Tensor)> = running(encoder.model())
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        assert!(!initial.is_empty());
+        // A training-mode forward moves the model's statistics; then the copy follows the model.
+        let _ = model
+            .forward_t(&uniform(&[4, 3, 8, 8], 60, Kind::Float), true)
+            .unwrap();
+        encoder.update(&model, 0.9).unwrap();
+        let (ours, theirs) = (running(encoder.model()), running(&model));
+        for (((name, own), (_, trained)), (_, before)) in ours.iter().zip(&theirs).zip(&initial) {
+            assert!(
+                !trained.equal(before),
+                "{name}: the forward moved the model's statistics"
+            );
+            assert_eq!(own.equal(trained), follow, "{name}, following: {follow}");
+            assert_eq!(own.equal(before), !follow, "{name}, following: {follow}");
+        }
+    }
 }

@@ -2,9 +2,12 @@
 //! MoCo's key encoder, SwAV's momentum encoder, DINO's teacher. One implementation for all of them.
 //!
 //! The copy never receives gradients; after each update (or, for MoCo, before each forward) its
-//! weights become `m * own + (1 - m) * trained`. Buffers (batch-norm running statistics) are copied
-//! as they are, as VISSL's hooks do. Its weights are part of the loss state, so checkpoints resume
-//! it exactly.
+//! parameters become `m * own + (1 - m) * trained`. Its buffers (batch-norm running statistics) are
+//! taken from the trained model once, at the first step; after that they are the copy's own,
+//! moved by its own training-mode forwards, as VISSL's MoCo and DINO hooks leave them. SwAV's
+//! momentum hook also copies the trained model's `running_*` statistics at every update
+//! ([`MomentumEncoder::following_running_stats`]), which matters when the copy runs in evaluation
+//! mode. Its tensors are part of the loss state, so checkpoints resume it exactly.
 
 use super::{LossContext, LossError, Result};
 use crate::models::BaseSslModel;
@@ -20,6 +23,8 @@ pub struct MomentumEncoder {
     loss: &'static str,
     /// Whether the weights were taken from the trained model yet.
     initialised: bool,
+    /// Copy the trained model's `running_*` buffers at every update.
+    follow_running_stats: bool,
 }
 
 impl MomentumEncoder {
@@ -47,7 +52,15 @@ impl MomentumEncoder {
             names,
             loss,
             initialised: false,
+            follow_running_stats: false,
         }
+    }
+
+    /// The same copy, taking the trained model's batch-norm running statistics at every update
+    /// (VISSL's SwAV momentum hook) instead of keeping its own.
+    pub fn following_running_stats(mut self) -> Self {
+        self.follow_running_stats = true;
+        self
     }
 
     /// The copy's model (eval or train mode is chosen per forward).
@@ -62,23 +75,25 @@ impl MomentumEncoder {
 
     /// Copies every weight and buffer of `trained` (VISSL does this at the first step).
     pub fn init_from(&mut self, trained: &BaseSslModel) -> Result<()> {
-        self.blend(trained, 0.0)?;
+        self.blend(trained, 0.0, true)?;
         self.initialised = true;
         Ok(())
     }
 
-    /// `own = momentum * own + (1 - momentum) * trained` for parameters; buffers are copied.
+    /// `own = momentum * own + (1 - momentum) * trained` for parameters; buffers stay the copy's
+    /// own (or follow the trained model's running statistics, see above).
     /// Initialises from `trained` first when that has not happened yet.
     pub fn update(&mut self, trained: &BaseSslModel, momentum: f64) -> Result<()> {
         if !self.initialised {
             return self.init_from(trained);
         }
-        self.blend(trained, momentum)
+        self.blend(trained, momentum, false)
     }
 
-    fn blend(&mut self, trained: &BaseSslModel, momentum: f64) -> Result<()> {
+    fn blend(&mut self, trained: &BaseSslModel, momentum: f64, initialising: bool) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        // Parameters blend; buffers (batch-norm statistics) and integer tensors are copied.
+        // At initialisation everything is copied; after that parameters blend and a buffer is
+        // copied only when following the running statistics.
         let source: std::collections::HashMap<&str, (&Tensor, bool)> = trained
             .trunk_variables()
             .iter()
@@ -96,8 +111,12 @@ impl MomentumEncoder {
                     own.size()
                 )));
             }
-            if momentum == 0.0 || !is_param || !src.is_floating_point() {
+            if initialising {
                 own.copy_(src);
+            } else if !is_param || !src.is_floating_point() {
+                if self.follow_running_stats && name.contains("running_") {
+                    own.copy_(src);
+                }
             } else {
                 let _ = own.f_mul_scalar_(momentum)?;
                 let _ = own.f_add_(&src.f_mul_scalar(1.0 - momentum)?)?;

@@ -113,7 +113,7 @@ impl SwavMomentumLoss {
                 format!("{} must lie in [0, 1]", params.momentum),
             ));
         }
-        let encoder = MomentumEncoder::new(&ctx, NAME)?;
+        let encoder = MomentumEncoder::new(&ctx, NAME)?.following_running_stats();
         let criterion =
             SwavCriterion::new(NAME, &params.swav(), ctx)?.refreshing_queue_when_in_use();
         Ok(Self {
